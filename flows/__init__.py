@@ -1,0 +1,1 @@
+import saeflow  # noqa: F401  (offline defaults before Prefect/MLflow import)

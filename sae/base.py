@@ -1,0 +1,172 @@
+"""The one interface every SAE architecture implements, and the registry that maps names to classes.
+
+Notation follows ../shared/SPEC.md §1: x is a normalized activation row, f the sparse code, x̂ = f W_dec + b_dec.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Literal, NamedTuple
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import Tensor, nn
+
+
+class SAEConfig(BaseModel):
+    """Hyperparameters shared by every architecture. Subclasses add their own and fix `architecture`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    architecture: str
+    """Registered architecture name (see `sae.ARCHITECTURES`)."""
+    name: str | None = None
+    """Short label for this SAE inside a sweep; defaults to a name built from the architecture and its knobs."""
+    expansion_factor: int = Field(8, ge=1)
+    """Latents per input dimension: d_sae = expansion_factor · d_in (ignored when d_sae is set)."""
+    d_sae: int | None = Field(None, ge=1)
+    """Number of latents; overrides expansion_factor."""
+    lr: float | None = Field(None, gt=0)
+    """Adam learning rate; None takes the architecture's default."""
+    b_dec_init: Literal["geometric_median", "mean", "zeros"] = "geometric_median"
+    """How b_dec starts (SPEC 3.1)."""
+
+    default_lr: ClassVar[float] = 1e-3
+    adam_betas: ClassVar[tuple[float, float]] = (0.9, 0.999)
+
+    def n_latents(self, d_in: int) -> int:
+        return self.d_sae or self.expansion_factor * d_in
+
+    def label(self) -> str:
+        """Stable human-readable label: the name if given, else architecture plus its sparsity knob."""
+        if self.name:
+            return self.name
+        knob = self.sparsity_label()
+        return f"{self.architecture}-x{self.expansion_factor if self.d_sae is None else self.d_sae}" + (
+            f"-{knob}" if knob else ""
+        )
+
+    def sparsity_label(self) -> str:
+        return ""
+
+    def learning_rate(self) -> float:
+        return self.lr if self.lr is not None else self.default_lr
+
+
+class SAEOutput(NamedTuple):
+    """What a training forward pass returns; the trainer reads fields by name, never by position."""
+
+    x_hat: Tensor
+    """Reconstruction in normalized units, [B, d_in]."""
+    f: Tensor
+    """Sparse code, [B, d_sae] (dense tensor with zeros)."""
+    loss: Tensor
+    """Scalar total loss to minimise."""
+    terms: dict[str, Tensor]
+    """Named loss components (detached), for logging."""
+
+
+class TrainState(NamedTuple):
+    """What a loss may depend on beyond the batch: schedule position and dead-latent bookkeeping."""
+
+    progress: float
+    """Fraction of training done, in [0, 1]."""
+    dead_mask: Tensor | None
+    """Bool [d_sae], True where the latent has not fired within the dead window (SPEC 3.3)."""
+
+
+class SAE(nn.Module):
+    """Base class: holds W_enc, b_enc, W_dec, b_dec and the input scale; subclasses define the activation and loss."""
+
+    config_class: ClassVar[type[SAEConfig]] = SAEConfig
+    unit_norm_decoder: ClassVar[bool] = False
+
+    def __init__(self, cfg: SAEConfig, d_in: int):
+        super().__init__()
+        self.cfg = cfg
+        self.d_in = d_in
+        self.d_sae = cfg.n_latents(d_in)
+        self.W_enc = nn.Parameter(torch.empty(d_in, self.d_sae))
+        self.b_enc = nn.Parameter(torch.zeros(self.d_sae))
+        self.W_dec = nn.Parameter(torch.empty(self.d_sae, d_in))
+        self.b_dec = nn.Parameter(torch.zeros(d_in))
+        # Multiplies raw activations into the units the SAE was trained in (SPEC 4.1); saved with the weights.
+        self.register_buffer("input_scale", torch.ones(()))
+        self.reset_parameters()
+
+    # ----- initialisation -------------------------------------------------------------------------------
+    def reset_parameters(self) -> None:
+        """Decoder rows random unit vectors, encoder its transpose (SPEC 2.4 init, used by every architecture)."""
+        w = torch.randn(self.d_sae, self.d_in)
+        w = w / w.norm(dim=1, keepdim=True)
+        with torch.no_grad():
+            self.W_dec.copy_(w)
+            self.W_enc.copy_(w.T)
+
+    # ----- the interface ---------------------------------------------------------------------------------
+    def pre_acts(self, x: Tensor) -> Tensor:
+        """π(x) = (x − b_dec) W_enc + b_enc (SPEC 1)."""
+        return (x - self.b_dec) @ self.W_enc + self.b_enc
+
+    def encode(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def decode(self, f: Tensor) -> Tensor:
+        return f @ self.W_dec + self.b_dec
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.decode(self.encode(x))
+
+    def loss(self, x: Tensor, state: TrainState) -> SAEOutput:
+        raise NotImplementedError
+
+    # ----- raw-unit helpers: what evaluation and downstream users call -------------------------------------
+    def encode_raw(self, x_raw: Tensor) -> Tensor:
+        return self.encode(x_raw * self.input_scale)
+
+    def reconstruct_raw(self, x_raw: Tensor) -> Tensor:
+        """x̂ in the model's own units: normalise, encode, decode, undo the scale."""
+        return self.forward(x_raw * self.input_scale) / self.input_scale
+
+    # ----- hooks around the optimizer step ---------------------------------------------------------------
+    @torch.no_grad()
+    def remove_parallel_grads(self) -> None:
+        """Drop the gradient component parallel to each decoder row (SPEC 2.1 `unit_decoder`)."""
+        if self.unit_norm_decoder and self.W_dec.grad is not None:
+            w = self.W_dec / self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
+            self.W_dec.grad -= (self.W_dec.grad * w).sum(dim=1, keepdim=True) * w
+
+    @torch.no_grad()
+    def normalize_decoder(self) -> None:
+        if self.unit_norm_decoder:
+            self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+    def extra_state_tensors(self) -> dict[str, Tensor]:
+        """Inference-time state that is not a parameter (e.g. BatchTopK's threshold); part of the checkpoint."""
+        return {}
+
+
+ARCHITECTURES: dict[str, type[SAE]] = {}
+
+
+def register(name: str):
+    """Class decorator: make an SAE class selectable by `architecture: <name>` in configs."""
+
+    def wrap(cls: type[SAE]) -> type[SAE]:
+        ARCHITECTURES[name] = cls
+        return cls
+
+    return wrap
+
+
+def config_from_dict(data: dict[str, Any]) -> SAEConfig:
+    arch = data.get("architecture")
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"unknown SAE architecture {arch!r}; choose one of {sorted(ARCHITECTURES)}")
+    return ARCHITECTURES[arch].config_class.model_validate(data)
+
+
+def build_sae(cfg: SAEConfig | dict[str, Any], d_in: int) -> SAE:
+    """Instantiate the registered class for `cfg.architecture` with input width d_in."""
+    if isinstance(cfg, dict):
+        cfg = config_from_dict(cfg)
+    return ARCHITECTURES[cfg.architecture](cfg, d_in)

@@ -1,0 +1,60 @@
+"""ReLU + L1, the "standard" SAE (SPEC 2.1)."""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+import torch
+from pydantic import Field
+from torch import Tensor
+
+from sae.base import SAE, SAEConfig, SAEOutput, TrainState, register
+from sae.losses import reconstruction_loss, warmup
+
+
+class ReLUConfig(SAEConfig):
+    architecture: Literal["relu"] = "relu"
+    l1_coefficient: float = Field(5.0, ge=0)
+    """λ, the weight of the L1 penalty at the end of warm-up (normalized units, E‖x‖ = √d)."""
+    l1_form: Literal["decoder_weighted", "unit_decoder"] = "decoder_weighted"
+    """`decoder_weighted`: penalise Σ fᵢ‖W_dec,i‖ with a free decoder; `unit_decoder`: plain L1, unit-norm rows."""
+    l1_warmup: float = Field(0.05, ge=0, le=1)
+    """Fraction of training over which λ ramps linearly from 0."""
+
+    default_lr: ClassVar[float] = 5e-4
+
+    def sparsity_label(self) -> str:
+        return f"l1_{self.l1_coefficient:g}"
+
+
+@register("relu")
+class ReLUSAE(SAE):
+    config_class = ReLUConfig
+    cfg: ReLUConfig
+
+    def __init__(self, cfg: ReLUConfig, d_in: int):
+        super().__init__(cfg, d_in)
+        self.unit_norm_decoder = cfg.l1_form == "unit_decoder"
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        # Anthropic's April-2024 init: small decoder rows so the L1·‖d‖ penalty starts gentle.
+        if getattr(self.cfg, "l1_form", "decoder_weighted") == "decoder_weighted":
+            with torch.no_grad():
+                self.W_dec.mul_(0.1)
+                self.W_enc.copy_(self.W_dec.T)
+
+    def encode(self, x: Tensor) -> Tensor:
+        return torch.relu(self.pre_acts(x))
+
+    def loss(self, x: Tensor, state: TrainState) -> SAEOutput:
+        f = self.encode(x)
+        x_hat = self.decode(f)
+        rec = reconstruction_loss(x, x_hat)
+        if self.cfg.l1_form == "decoder_weighted":
+            l1 = (f * self.W_dec.norm(dim=1)).sum(-1).mean()  # SPEC 2.1 decoder_weighted
+        else:
+            l1 = f.sum(-1).mean()  # SPEC 2.1 unit_decoder: ‖f‖₁ (f ≥ 0)
+        lam = self.cfg.l1_coefficient * warmup(state.progress, self.cfg.l1_warmup)
+        loss = rec + lam * l1
+        return SAEOutput(x_hat, f, loss, {"mse": rec.detach(), "l1": l1.detach()})

@@ -1,0 +1,52 @@
+"""TopK SAE with AuxK for dead latents (SPEC 2.4, Gao et al. 2024)."""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+import torch
+from pydantic import Field
+from torch import Tensor
+
+from sae.base import SAE, SAEConfig, SAEOutput, TrainState, register
+from sae.losses import auxk_loss, reconstruction_loss
+
+
+class TopKConfig(SAEConfig):
+    architecture: Literal["topk"] = "topk"
+    k: int = Field(32, ge=1)
+    """Active latents per row."""
+    k_aux: int | None = Field(None, ge=1)
+    """Dead latents used by AuxK; None means d_in / 2."""
+    aux_coefficient: float = Field(1 / 32, ge=0)
+    """α, the weight of the AuxK loss."""
+
+    default_lr: ClassVar[float] = 5e-4
+
+    def sparsity_label(self) -> str:
+        return f"k{self.k}"
+
+
+@register("topk")
+class TopKSAE(SAE):
+    config_class = TopKConfig
+    unit_norm_decoder = True
+    cfg: TopKConfig
+
+    def encode(self, x: Tensor) -> Tensor:
+        return self.activation(self.pre_acts(x))
+
+    def activation(self, pre: Tensor) -> Tensor:
+        """f = ReLU(TopK_k(π)): keep the k largest pre-activations per row (SPEC 2.4)."""
+        vals, idx = pre.topk(min(self.cfg.k, self.d_sae), dim=-1, sorted=False)
+        return torch.zeros_like(pre).scatter_(-1, idx, torch.relu(vals))
+
+    def loss(self, x: Tensor, state: TrainState) -> SAEOutput:
+        pre = self.pre_acts(x)
+        f = self.activation(pre)
+        x_hat = self.decode(f)
+        rec = reconstruction_loss(x, x_hat)
+        k_aux = self.cfg.k_aux or max(1, self.d_in // 2)
+        aux = auxk_loss(x - x_hat, pre, self.W_dec, state.dead_mask, k_aux)
+        loss = rec + self.cfg.aux_coefficient * aux
+        return SAEOutput(x_hat, f, loss, {"mse": rec.detach(), "auxk": aux.detach()})

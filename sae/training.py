@@ -1,0 +1,200 @@
+"""Training loop for a group of SAEs fed by one stream of activation batches (SPEC 3).
+
+Several SAEs share each batch, so a sweep reads the activations once. Every SAE has its own Adam optimizer,
+learning-rate schedule and dead-latent counters.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from sae.base import SAE, TrainState
+
+
+class TrainingConfig(BaseModel):
+    """Optimisation settings shared by every SAE trained on one batch stream."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    batch_size: int = Field(4096, ge=1)
+    """Activation rows per optimizer step."""
+    lr_warmup: float = Field(0.02, ge=0, le=1)
+    """Fraction of steps over which the learning rate ramps linearly from 0 (SPEC 3.2)."""
+    lr_decay: float = Field(0.2, ge=0, le=1)
+    """Fraction of steps at the end over which the learning rate decays linearly to 0."""
+    grad_clip: float | None = Field(1.0, gt=0)
+    """Clip each SAE's gradient norm to this value; None disables clipping."""
+    seed: int = 0
+    """Seeds SAE initialisation and batch shuffling."""
+    dead_tokens: int | None = Field(None, ge=1)
+    """A latent is dead after this many tokens without firing; None = min(10M, total tokens / 4) (SPEC 2.4)."""
+    log_every: int = Field(10, ge=1)
+    """Report step metrics every this many steps."""
+    device: str = "auto"
+    """torch device for training: auto picks cuda > mps > cpu."""
+    autocast: Literal["auto", "off", "bf16", "fp16"] = "auto"
+    """Mixed precision on GPU; auto = bf16 on CUDA, off on CPU."""
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    if device != "auto":
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+@torch.no_grad()
+def geometric_median(points: Tensor, iters: int = 100, eps: float = 1e-6) -> Tensor:
+    """Weiszfeld's algorithm (SPEC 3.1): the point minimising the sum of Euclidean distances."""
+    median = points.mean(0)
+    for _ in range(iters):
+        w = 1.0 / (points - median).norm(dim=1).clamp_min(eps)
+        new = (w[:, None] * points).sum(0) / w.sum()
+        if (new - median).norm() < eps * median.norm().clamp_min(1.0):
+            return new
+        median = new
+    return median
+
+
+def lr_lambda(total_steps: int, warmup: float, decay: float) -> Callable[[int], float]:
+    warm = max(1, int(warmup * total_steps)) if warmup > 0 else 0
+    decay_start = int((1 - decay) * total_steps)
+
+    def scale(step: int) -> float:
+        if warm and step < warm:
+            return (step + 1) / warm
+        if step >= decay_start and decay > 0:
+            return max(0.0, (total_steps - step) / max(1, total_steps - decay_start))
+        return 1.0
+
+    return scale
+
+
+class SAETrainer:
+    """Steps a group of SAEs on shared batches; owns optimizers, schedulers and dead-latent counters."""
+
+    def __init__(self, saes: list[SAE], cfg: TrainingConfig, total_tokens: int):
+        self.saes = saes
+        self.cfg = cfg
+        self.device = pick_device(cfg.device)
+        self.total_steps = max(1, math.ceil(total_tokens / cfg.batch_size))
+        self.dead_tokens = cfg.dead_tokens or max(cfg.batch_size, min(10_000_000, total_tokens // 4))
+        self.step_count = 0
+        self.tokens_seen = 0
+        self.optimizers = []
+        self.schedulers = []
+        for sae in saes:
+            sae.to(self.device)
+            opt = torch.optim.Adam(sae.parameters(), lr=sae.cfg.learning_rate(), betas=sae.cfg.adam_betas)
+            self.optimizers.append(opt)
+            self.schedulers.append(
+                torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(self.total_steps, cfg.lr_warmup, cfg.lr_decay))
+            )
+        # Tokens since each latent last fired (SPEC 3.3), counted in tokens, never steps.
+        self.tokens_since_fired = [torch.zeros(s.d_sae, dtype=torch.long, device=self.device) for s in saes]
+
+    def autocast_dtype(self) -> torch.dtype | None:
+        mode = self.cfg.autocast
+        if self.device.type != "cuda" or mode == "off":
+            return None
+        return torch.float16 if mode == "fp16" else torch.bfloat16
+
+    @torch.no_grad()
+    def init_b_dec(self, sample: Tensor) -> None:
+        sample = sample.to(self.device, torch.float32)
+        median = None
+        for sae in self.saes:
+            how = sae.cfg.b_dec_init
+            if how == "geometric_median":
+                median = geometric_median(sample) if median is None else median
+                sae.b_dec.copy_(median)
+            elif how == "mean":
+                sae.b_dec.copy_(sample.mean(0))
+
+    def step(self, x: Tensor) -> list[dict[str, float]]:
+        """One optimizer step of every SAE on batch x; returns per-SAE metrics for this step."""
+        x = x.to(self.device, torch.float32, non_blocking=True)
+        progress = self.step_count / self.total_steps
+        amp = self.autocast_dtype()
+        stats = []
+        for i, sae in enumerate(self.saes):
+            dead = self.tokens_since_fired[i] >= self.dead_tokens
+            with torch.autocast(self.device.type, dtype=amp, enabled=amp is not None):
+                out = sae.loss(x, TrainState(progress, dead))
+            opt = self.optimizers[i]
+            opt.zero_grad(set_to_none=True)
+            out.loss.backward()
+            sae.remove_parallel_grads()
+            if self.cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(sae.parameters(), self.cfg.grad_clip)
+            opt.step()
+            self.schedulers[i].step()
+            sae.normalize_decoder()
+            with torch.no_grad():
+                fired = (out.f > 0).any(0)
+                self.tokens_since_fired[i] += x.shape[0]
+                self.tokens_since_fired[i][fired] = 0
+                if self.step_count % self.cfg.log_every == 0:
+                    stats.append(self._metrics(x, out, i))
+                else:
+                    stats.append({})
+        self.step_count += 1
+        self.tokens_seen += x.shape[0]
+        return stats
+
+    def _metrics(self, x: Tensor, out, i: int) -> dict[str, float]:
+        err = (x - out.x_hat.float()).pow(2).sum()
+        var = (x - x.mean(0)).pow(2).sum().clamp_min(1e-12)
+        m = {
+            "loss": float(out.loss),
+            "fvu": float(err / var),
+            "l0": float((out.f > 0).sum(-1).float().mean()),
+            "dead_fraction": float((self.tokens_since_fired[i] >= self.dead_tokens).float().mean()),
+            "lr": self.schedulers[i].get_last_lr()[0],
+        }
+        m.update({k: float(v) for k, v in out.terms.items()})
+        return m
+
+
+StepCallback = Callable[[int, int, list[dict[str, float]]], None]
+
+
+def train_saes(
+    saes: list[SAE],
+    batches: Iterable[Tensor],
+    cfg: TrainingConfig,
+    total_tokens: int,
+    b_dec_sample: Tensor | None = None,
+    on_step: StepCallback | None = None,
+    progress: bool = True,
+) -> SAETrainer:
+    """Train every SAE in `saes` on the same `batches` until `total_tokens` rows have been consumed.
+
+    `on_step(step, tokens_seen, metrics)` is called after steps that report metrics (every `log_every`).
+    """
+    torch.manual_seed(cfg.seed)
+    trainer = SAETrainer(saes, cfg, total_tokens)
+    if b_dec_sample is not None:
+        trainer.init_b_dec(b_dec_sample)
+    bar = tqdm(total=total_tokens, unit="tok", unit_scale=True, desc="train", disable=not progress)
+    for x in batches:
+        if trainer.tokens_seen >= total_tokens:
+            break
+        metrics = trainer.step(x)
+        bar.update(x.shape[0])
+        if on_step and metrics and metrics[0]:
+            on_step(trainer.step_count, trainer.tokens_seen, metrics)
+    bar.close()
+    for sae in saes:
+        sae.eval()
+    return trainer

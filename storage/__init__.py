@@ -1,0 +1,1 @@
+"""Every byte saeflow keeps at rest: token and activation stores (Zarr), checkpoints (safetensors), MLflow."""

@@ -1,0 +1,113 @@
+"""Per-site normalization statistics computed with Dask over the Zarr chunks (SPEC 4.1, 4.2).
+
+Stored as the `stats` attribute of `<site>/acts`, with outlier row indices in `<site>/outlier_rows`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import dask
+import dask.array as da
+import numpy as np
+
+from storage.activations import ActivationStoreRef
+from storage.zarr_io import open_group
+
+
+@contextlib.contextmanager
+def dask_client(address: str | None = None, n_workers: int = 2) -> Iterator[Any]:
+    """A client of the scheduler at `address`, or of a fresh LocalCluster (worker processes) torn down after."""
+    from distributed import Client, LocalCluster
+
+    if address:
+        with Client(address) as client:
+            yield client
+        return
+    with (
+        LocalCluster(
+            n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=":0", silence_logs=logging.WARNING
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        yield client
+
+
+def _chunk_hash(block: np.ndarray) -> np.ndarray:
+    return np.array([hashlib.sha256(np.ascontiguousarray(block).tobytes()).hexdigest()], dtype=object)
+
+
+def compute_site_stats(
+    ref: ActivationStoreRef, site: str, outlier_norm_ratio: float | None = 10.0, normalize: str = "expected_norm"
+) -> dict[str, Any]:
+    """Mean, variance, mean L2 norm and the normalization scale of one site, outlier rows excluded.
+
+    Runs on whatever Dask client is current (see `dask_client`). The scale c makes E‖c·x‖ = √d for
+    `expected_norm` and E‖c·x‖² = 1 for `unit_mean_square`; it is 1 for `none`.
+    """
+    arr = ref.array(site)
+    x = da.from_zarr(arr).astype(np.float64)
+    d = x.shape[1]
+    norms_d = da.sqrt((x**2).sum(axis=1))
+    hashes_d = da.map_blocks(_chunk_hash, x.rechunk({1: -1}).astype(arr.dtype), drop_axis=1, dtype=object)
+    norms, hashes = dask.compute(norms_d, hashes_d)
+    median = float(np.median(norms))
+    if outlier_norm_ratio is not None:
+        outliers = np.flatnonzero(norms > outlier_norm_ratio * median).astype(np.int64)
+    else:
+        outliers = np.zeros(0, dtype=np.int64)
+    keep = np.ones(len(norms), dtype=bool)
+    keep[outliers] = False
+    keep_d = da.from_array(keep, chunks=(x.chunks[0],))
+    xk = x * keep_d[:, None]
+    n = int(keep.sum())
+    s1, s2, sn = dask.compute(xk.sum(axis=0), (xk**2).sum(axis=0), (norms_d * keep_d).sum())
+    mean = s1 / n
+    var = s2 / n - mean**2
+    mean_norm = float(sn) / n
+    mean_sq_norm = float(s2.sum()) / n
+    scale = {
+        "expected_norm": math.sqrt(d) / mean_norm,
+        "unit_mean_square": 1.0 / math.sqrt(mean_sq_norm),
+        "none": 1.0,
+    }[normalize]
+    energy = norms**2
+    positions = (outliers % ref.rows_per_window + 1).tolist()  # +1: row 0 of a window is token position 1
+    return {
+        "n_rows": int(len(norms)),
+        "n_rows_used": n,
+        "d_model": int(d),
+        "mean": mean.tolist(),
+        "var": var.tolist(),
+        "mean_var": float(var.mean()),
+        "mean_norm": mean_norm,
+        "median_norm": median,
+        "mean_sq_norm": mean_sq_norm,
+        "normalize": normalize,
+        "scale": scale,
+        "outlier_norm_ratio": outlier_norm_ratio,
+        "outlier_norm_threshold": None if outlier_norm_ratio is None else outlier_norm_ratio * median,
+        "n_outliers": int(len(outliers)),
+        "outlier_energy_fraction": float(energy[outliers].sum() / energy.sum()) if len(outliers) else 0.0,
+        "outlier_positions": sorted(set(positions))[:100],
+        "content_hash": hashlib.sha256("".join(hashes.tolist()).encode()).hexdigest(),
+        "_outlier_rows": outliers,
+    }
+
+
+def save_site_stats(ref: ActivationStoreRef, site: str, stats: dict[str, Any]) -> None:
+    g = open_group(ref.url, mode="a")
+    rows = stats.pop("_outlier_rows")
+    a = g.require_group(site).create_array("outlier_rows", shape=rows.shape, dtype="int64", overwrite=True)
+    if len(rows):
+        a[:] = rows
+    g[f"{site}/acts"].attrs["stats"] = stats
+
+
+def load_site_stats(ref: ActivationStoreRef, site: str) -> dict[str, Any] | None:
+    return dict(ref.array(site).attrs).get("stats")

@@ -1,0 +1,84 @@
+"""Text sources for tokenization: a Hub dataset, local text/jsonl/parquet files, or the built-in Python docs.
+
+Everything is read through HF `datasets`; Hub datasets stream, so only what is tokenized is downloaded.
+"""
+
+from __future__ import annotations
+
+import ast
+import glob
+import os
+import sysconfig
+from collections.abc import Iterator
+
+PYTHON_DOCS = "python-docs"
+_FORMATS = {".txt": "text", ".text": "text", ".md": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+
+
+def python_docs_texts() -> Iterator[dict[str, str]]:
+    """Every install's own English text: pydoc topic pages, then module/class/function docstrings of the stdlib.
+
+    Docstrings are read with `ast` from the source files (nothing is imported), in sorted file order.
+    """
+    from pydoc_data.topics import topics
+
+    for key in sorted(topics):
+        yield {"text": str(topics[key])}
+    stdlib = sysconfig.get_paths()["stdlib"]
+    for path in sorted(glob.glob(os.path.join(stdlib, "**", "*.py"), recursive=True)):
+        if "site-packages" in path or "/test" in path or "idlelib" in path:
+            continue
+        try:
+            with open(path, encoding="utf-8") as f:
+                tree = ast.parse(f.read())
+        except (SyntaxError, UnicodeDecodeError, OSError):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
+                doc = ast.get_docstring(node)
+                if doc and len(doc) > 80:
+                    yield {"text": doc}
+
+
+def _local_files(source: str) -> list[str]:
+    path = os.path.expanduser(source)
+    if os.path.isdir(path):
+        files = sorted(f for f in glob.glob(os.path.join(path, "**", "*"), recursive=True) if os.path.isfile(f))
+        return [f for f in files if os.path.splitext(f)[1] in _FORMATS]
+    return sorted(glob.glob(path))
+
+
+def looks_local(source: str) -> bool:
+    return source.startswith((".", "/", "~")) or any(source.endswith(ext) for ext in _FORMATS) or "*" in source
+
+
+def load_texts(source: str, text_field: str = "text", split: str = "train", subset: str | None = None) -> Iterator[str]:
+    """Iterate the documents of `source` as strings."""
+    import datasets
+
+    if source == PYTHON_DOCS:
+        for row in python_docs_texts():
+            yield row["text"]
+        return
+    if looks_local(source) or os.path.exists(os.path.expanduser(source)):
+        files = _local_files(source)
+        if not files:
+            raise FileNotFoundError(
+                f"dataset.source {source!r} matches no .txt/.jsonl/.json/.parquet file: fix the path or glob"
+            )
+        fmt = _FORMATS[os.path.splitext(files[0])[1]]
+        ds = datasets.load_dataset(fmt, data_files=files, split="train", streaming=True)
+    else:
+        try:
+            ds = datasets.load_dataset(source, subset, split=split, streaming=True)
+        except Exception as e:
+            raise RuntimeError(
+                f"cannot open Hub dataset {source!r} ({type(e).__name__}: {str(e).splitlines()[0][:200]}): "
+                "use local files or 'python-docs' on a machine without Hub access"
+            ) from e
+    first = True
+    for row in ds:
+        if first and text_field not in row:
+            raise KeyError(f"dataset {source!r} has no field {text_field!r}; set dataset.text_field to one of {sorted(row)}")
+        first = False
+        yield row[text_field]

@@ -1,0 +1,140 @@
+"""MLflow: one parent run per pipeline invocation, a nested run per SAE, and the Model Registry.
+
+Uses MlflowClient with explicit run ids (never the thread-local "active run"), so Prefect tasks running in
+worker threads log to the right run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from typing import Any
+
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
+
+MAX_PARAM_LEN = 6000
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    out: dict[str, str] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = json.dumps(v, default=str) if isinstance(v, list | tuple) else str(v)
+    return out
+
+
+class Tracker:
+    """Thin wrapper over MlflowClient for saeflow's run layout."""
+
+    def __init__(self, tracking_uri: str, experiment: str, artifact_location: str | None = None):
+        self.tracking_uri = tracking_uri
+        self.client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+        exp = self.client.get_experiment_by_name(experiment)
+        if exp is None:
+            try:
+                self.experiment_id = self.client.create_experiment(experiment, artifact_location=artifact_location)
+            except MlflowException:  # created concurrently by another process
+                self.experiment_id = self.client.get_experiment_by_name(experiment).experiment_id
+        else:
+            self.experiment_id = exp.experiment_id
+
+    # ----- runs --------------------------------------------------------------------------------------------
+    def start_run(self, name: str, parent_run_id: str | None = None, tags: dict[str, str] | None = None) -> str:
+        tags = dict(tags or {})
+        if parent_run_id:
+            tags["mlflow.parentRunId"] = parent_run_id
+        return self.client.create_run(self.experiment_id, run_name=name, tags=tags).info.run_id
+
+    def end_run(self, run_id: str, status: str = "FINISHED") -> None:
+        self.client.set_terminated(run_id, status=status)
+
+    def log_params(self, run_id: str, params: dict[str, Any]) -> None:
+        flat = [Param(k, v[:MAX_PARAM_LEN]) for k, v in flatten(params).items()]
+        for i in range(0, len(flat), 100):
+            self.client.log_batch(run_id, params=flat[i : i + 100])
+
+    def set_tags(self, run_id: str, tags: dict[str, Any]) -> None:
+        self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int = 0, prefix: str = "") -> None:
+        import time
+
+        ts = int(time.time() * 1000)
+        ms = [Metric(prefix + k, float(v), ts, step) for k, v in metrics.items() if v is not None and v == v]
+        for i in range(0, len(ms), 500):
+            self.client.log_batch(run_id, metrics=ms[i : i + 500])
+
+    def log_dict(self, run_id: str, obj: Any, artifact_file: str) -> None:
+        self.client.log_dict(run_id, obj, artifact_file)
+
+    def log_artifacts(self, run_id: str, local_dir: str, artifact_path: str | None = None) -> None:
+        self.client.log_artifacts(run_id, local_dir, artifact_path)
+
+    def log_artifact(self, run_id: str, local_path: str, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(run_id, local_path, artifact_path)
+
+    def artifact_uri(self, run_id: str, path: str) -> str:
+        return f"{self.client.get_run(run_id).info.artifact_uri.rstrip('/')}/{path}"
+
+    # ----- registry ----------------------------------------------------------------------------------------
+    def register(self, name: str, run_id: str, artifact_path: str, tags: dict[str, Any], description: str = "") -> str:
+        """New version of registered model `name` pointing at the run's artifacts; returns the version."""
+        try:
+            self.client.create_registered_model(name, description=description)
+        except MlflowException as e:
+            if "RESOURCE_ALREADY_EXISTS" not in str(e.error_code):
+                raise
+        mv = self.client.create_model_version(
+            name,
+            source=self.artifact_uri(run_id, artifact_path),
+            run_id=run_id,
+            tags={k: str(v) for k, v in tags.items()},
+            description=description,
+        )
+        return str(mv.version)
+
+    def set_alias(self, name: str, alias: str, version: str) -> None:
+        self.client.set_registered_model_alias(name, alias, version)
+
+
+def registered_model_name(prefix: str, model: str, site: str, architecture: str) -> str:
+    """One registered model per model/site/architecture; MLflow names may not contain '/', '@' or ':'."""
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", os.path.basename(model.rstrip("/")) or model).strip("-")
+    return f"{prefix}{slug}.{site}.{architecture}"
+
+
+_REF_RE = re.compile(r"^(?P<name>[^@/]+)(?:@(?P<alias>[\w.-]+)|/(?P<version>\d+|latest))?$")
+
+
+def model_uri(ref: str) -> str:
+    """`name@alias`, `name/3`, `name/latest` or `name` (latest version) → a `models:/` URI."""
+    m = _REF_RE.match(ref)
+    if not m:
+        raise ValueError(f"bad registered model reference {ref!r}: use NAME, NAME@ALIAS or NAME/VERSION")
+    if m["alias"]:
+        return f"models:/{m['name']}@{m['alias']}"
+    return f"models:/{m['name']}/{m['version'] or 'latest'}"
+
+
+def pull(ref: str, dst: str, tracking_uri: str) -> str:
+    """Download registered SAE `ref` into `dst`; returns the checkpoint directory."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_registry_uri(tracking_uri)
+    os.makedirs(dst, exist_ok=True)
+    try:
+        return mlflow.artifacts.download_artifacts(artifact_uri=model_uri(ref), dst_path=dst)
+    except MlflowException as e:
+        raise ValueError(f"cannot pull {ref!r} from {tracking_uri}: {e.message.splitlines()[0]}") from e
+
+
+def scratch_dir() -> tempfile.TemporaryDirectory:
+    return tempfile.TemporaryDirectory(prefix="saeflow-")

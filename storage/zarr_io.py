@@ -1,0 +1,44 @@
+"""Open Zarr v3 groups at a local path or any fsspec URL, and hash what we write."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Any
+
+import zarr
+
+
+def local_path(url: str) -> str | None:
+    """The filesystem path behind `url` if it is local (plain path or file://), else None."""
+    if url.startswith("file://"):
+        return url[len("file://") :]
+    return None if "://" in url else os.path.abspath(os.path.expanduser(url))
+
+
+def join(url: str, *parts: str) -> str:
+    return "/".join([url.rstrip("/"), *parts])
+
+
+def open_group(url: str, mode: str = "a") -> zarr.Group:
+    """Zarr group at a local path (LocalStore) or an fsspec URL such as s3://bucket/store (FsspecStore)."""
+    path = local_path(url)
+    if path is not None:
+        if mode != "r":
+            os.makedirs(path, exist_ok=True)
+        return zarr.open_group(path, mode=mode)
+    return zarr.open_group(url, mode=mode)
+
+
+def group_exists(url: str) -> bool:
+    try:
+        open_group(url, mode="r")
+        return True
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError, KeyError):
+        return False
+
+
+def config_hash(obj: Any, n: int = 16) -> str:
+    """Short stable hash of a JSON-able object: identifies the config that produced a store."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:n]

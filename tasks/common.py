@@ -1,0 +1,75 @@
+"""What several tasks share: store locations derived from the config, the MLflow tracker, the loaded model."""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+from sae.models import LoadedModel, load_model
+from saeflow.config import PipelineConfig
+from storage.model_files import resolve_model_source
+from storage.tokens import TokenStoreRef
+from storage.tracking import Tracker
+from storage.zarr_io import config_hash, join
+
+
+def model_identity(cfg: PipelineConfig) -> dict:
+    m = cfg.model
+    return {"name": m.name, "gguf_file": m.gguf_file, "revision": m.revision, "dtype": m.dtype}
+
+
+def token_store_url(cfg: PipelineConfig) -> tuple[str, dict]:
+    identity = {
+        "dataset": cfg.dataset.model_dump(),
+        "tokenizer": {k: v for k, v in model_identity(cfg).items() if k != "dtype"},
+        "context_size": cfg.tokens.context_size,
+        "prepend_bos": cfg.tokens.prepend_bos,
+        "n_train": cfg.tokens.n_windows(cfg.tokens.train_tokens),
+        "n_eval": cfg.tokens.n_windows(cfg.tokens.eval_tokens),
+    }
+    return join(cfg.store_url, "tokens", config_hash(identity)), identity
+
+
+def activation_store_url(cfg: PipelineConfig, tokens: TokenStoreRef) -> tuple[str, dict]:
+    identity = {
+        "model": model_identity(cfg),
+        "token_store": tokens.content_hash,
+        "sites": list(cfg.extract.sites),
+        "dtype": cfg.extract.dtype,
+        "positions": "1..T-1",
+    }
+    return join(cfg.store_url, "activations", config_hash(identity)), identity
+
+
+def tracker(cfg: PipelineConfig) -> Tracker:
+    import os
+
+    artifacts = None
+    if cfg.tracking_uri.startswith("sqlite:") and not cfg.tracking.uri and "MLFLOW_TRACKING_URI" not in os.environ:
+        artifacts = "file://" + os.path.abspath(os.path.join(cfg.root, "mlartifacts"))
+    os.makedirs(cfg.root, exist_ok=True)
+    return Tracker(cfg.tracking_uri, cfg.tracking.experiment, artifacts)
+
+
+@functools.lru_cache(maxsize=1)
+def _load(name: str, gguf_file: str | None, dtype: str, device: str, revision: str | None) -> LoadedModel:
+    path, gguf = resolve_model_source(name, gguf_file)
+    return load_model(path, gguf, dtype=dtype, device=device, revision=revision)
+
+
+def loaded_model(cfg: PipelineConfig) -> LoadedModel:
+    """The pipeline's model, loaded once per process and shared by extraction and evaluation."""
+    m = cfg.model
+    return _load(m.name, m.gguf_file, m.dtype, m.device, m.revision)
+
+
+@dataclass(frozen=True)
+class TrainedSAE:
+    """A trained SAE as later stages see it: its MLflow run, label and registered version."""
+
+    site: str
+    label: str
+    architecture: str
+    run_id: str
+    registered_name: str
+    version: str

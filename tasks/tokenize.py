@@ -1,0 +1,32 @@
+from __future__ import annotations
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from sae.tokenize import pack_windows
+from saeflow.config import PipelineConfig
+from storage.text import load_texts
+from storage.tokens import TokenStoreRef, open_token_store, write_token_store
+from tasks.common import loaded_model, token_store_url
+
+
+@task(name="tokenize", cache_policy=NO_CACHE)
+def tokenize_dataset(cfg: PipelineConfig) -> TokenStoreRef:
+    """Text → fixed-length BOS-led token windows in a Zarr store; reuses a finished store with the same identity."""
+    log = get_run_logger()
+    url, identity = token_store_url(cfg)
+    if (ref := open_token_store(url)) is not None:
+        log.info(f"tokenize: reusing {url} ({ref.n_train} train + {ref.n_eval} eval windows)")
+        return ref
+    tok = loaded_model(cfg).tokenizer
+    t = cfg.tokens
+    n_train, n_eval = identity["n_train"], identity["n_eval"]
+    texts = load_texts(cfg.dataset.source, cfg.dataset.text_field, cfg.dataset.split, cfg.dataset.subset)
+    windows = pack_windows(texts, tok, t.context_size, t.prepend_bos, max_windows=n_train + n_eval)
+
+    def progress(done: int, total: int) -> None:
+        log.info(f"tokenize: {done * t.context_size:,}/{total * t.context_size:,} tokens")
+
+    ref = write_token_store(url, windows, n_train, n_eval, t.context_size, {"config": identity}, on_windows=progress)
+    log.info(f"tokenize: wrote {url} ({n_train} train + {n_eval} eval windows of {t.context_size})")
+    return ref
