@@ -64,6 +64,8 @@ class ExtractConfig(Strict):
     """Windows per forward pass."""
     dtype: Literal["float32", "float16"] = "float32"
     """dtype of the stored activations."""
+    chunk_rows: int = Field(4096, ge=1)
+    """Target rows per Zarr chunk (rounded down to whole windows); also the resume granularity."""
 
     @field_validator("sites")
     @classmethod

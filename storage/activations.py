@@ -89,10 +89,11 @@ class ActivationWriter:
         dtype: str,
         identity: dict[str, Any],
         site_attrs: dict[str, Any],
+        target_chunk_rows: int = TARGET_CHUNK_ROWS,
     ):
         self.url = url
         self.sites = sites
-        windows_per_chunk = max(1, TARGET_CHUNK_ROWS // rows_per_window)
+        windows_per_chunk = max(1, target_chunk_rows // rows_per_window)
         self.chunk_rows = windows_per_chunk * rows_per_window
         self.n_rows = n_windows * rows_per_window
         self.rows_per_window = rows_per_window

@@ -80,6 +80,9 @@ class Tracker:
     def log_artifact(self, run_id: str, local_path: str, artifact_path: str | None = None) -> None:
         self.client.log_artifact(run_id, local_path, artifact_path)
 
+    def download(self, run_id: str, artifact_path: str, dst: str) -> str:
+        return self.client.download_artifacts(run_id, artifact_path, dst)
+
     def artifact_uri(self, run_id: str, path: str) -> str:
         return f"{self.client.get_run(run_id).info.artifact_uri.rstrip('/')}/{path}"
 

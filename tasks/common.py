@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import functools
+import logging
 from dataclasses import dataclass
+
+from prefect import get_run_logger
+from prefect.exceptions import MissingContextError
 
 from sae.models import LoadedModel, load_model
 from saeflow.config import PipelineConfig
@@ -11,6 +15,14 @@ from storage.model_files import resolve_model_source
 from storage.tokens import TokenStoreRef
 from storage.tracking import Tracker
 from storage.zarr_io import config_hash, join
+
+
+def run_logger() -> logging.Logger | logging.LoggerAdapter:
+    """The Prefect run logger inside a flow/task run; a plain logger when a task's `.fn` is called directly."""
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return logging.getLogger("saeflow")
 
 
 def model_identity(cfg: PipelineConfig) -> dict:
@@ -36,6 +48,7 @@ def activation_store_url(cfg: PipelineConfig, tokens: TokenStoreRef) -> tuple[st
         "token_store": tokens.content_hash,
         "sites": list(cfg.extract.sites),
         "dtype": cfg.extract.dtype,
+        "chunk_rows": cfg.extract.chunk_rows,
         "positions": "1..T-1",
     }
     return join(cfg.store_url, "activations", config_hash(identity)), identity

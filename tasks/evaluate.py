@@ -1,18 +1,18 @@
 from __future__ import annotations
 
+import os
 import tempfile
 from typing import Any
 
-import mlflow
 import torch
-from prefect import get_run_logger, task
+from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from sae.evaluation import POSITIONS_NOTE, evaluate_site
 from saeflow.config import PipelineConfig
 from storage.checkpoints import load_sae
 from storage.tokens import TokenStoreRef, iter_window_batches
-from tasks.common import TrainedSAE, loaded_model, tracker
+from tasks.common import TrainedSAE, loaded_model, run_logger, tracker
 
 
 @task(name="evaluate", cache_policy=NO_CACHE)
@@ -20,15 +20,14 @@ def evaluate_site_saes(
     cfg: PipelineConfig, tokens: TokenStoreRef, stats: dict[str, Any], site: str, trained: list[TrainedSAE]
 ) -> dict[str, dict[str, float]]:
     """Metrics of every SAE of `site` on the held-out windows, logged to each SAE's run, which is then closed."""
-    log = get_run_logger()
+    log = run_logger()
     tr = tracker(cfg)
     lm = loaded_model(cfg)
     saes = {}
     with tempfile.TemporaryDirectory() as tmp:
         for t in trained:
-            mlflow.set_tracking_uri(tr.tracking_uri)
-            path = mlflow.artifacts.download_artifacts(run_id=t.run_id, artifact_path="sae", dst_path=f"{tmp}/{t.label}")
-            saes[t.label] = load_sae(path, lm.device)
+            os.makedirs(f"{tmp}/{t.label}")
+            saes[t.label] = load_sae(tr.download(t.run_id, "sae", f"{tmp}/{t.label}"), lm.device)
     batches = [ids for _, ids in iter_window_batches(tokens, "eval", cfg.eval.batch_size)]
     threshold = stats.get("outlier_norm_threshold")
     results = evaluate_site(

@@ -4,7 +4,7 @@ import time
 from collections.abc import Callable
 
 import numpy as np
-from prefect import get_run_logger, task
+from prefect import task
 from prefect.cache_policies import NO_CACHE
 from tqdm.auto import tqdm
 
@@ -12,7 +12,7 @@ from sae.sites import run_to_sites, site_width
 from saeflow.config import PipelineConfig
 from storage.activations import ActivationStoreRef, ActivationWriter, open_activation_store
 from storage.tokens import TokenStoreRef, iter_window_batches
-from tasks.common import activation_store_url, loaded_model, model_identity
+from tasks.common import activation_store_url, loaded_model, model_identity, run_logger
 
 
 @task(name="extract", cache_policy=NO_CACHE)
@@ -22,9 +22,9 @@ def extract_activations(
     """Run the model over the train windows and write each site's activations (positions 1..T-1) to Zarr.
 
     Resumes an interrupted extraction from its last complete chunk. `on_chunk(rows_done)` is called after each
-    chunk is committed.
+    batch that committed at least one chunk.
     """
-    log = get_run_logger()
+    log = run_logger()
     url, identity = activation_store_url(cfg, tokens)
     if (ref := open_activation_store(url)) is not None:
         log.info(f"extract: reusing {url} ({ref.n_rows:,} rows × {len(ref.sites)} sites)")
@@ -35,7 +35,7 @@ def extract_activations(
     rows_per_window = tokens.context_size - 1
     site_attrs = {"model": model_identity(cfg), "dtype": cfg.extract.dtype, "token_store": tokens.manifest()}
     writer = ActivationWriter(
-        url, sites, tokens.n_train, rows_per_window, d, cfg.extract.dtype, identity, site_attrs
+        url, sites, tokens.n_train, rows_per_window, d, cfg.extract.dtype, identity, site_attrs, cfg.extract.chunk_rows
     )
     if writer.rows_done:
         log.info(f"extract: resuming {url} at row {writer.rows_done:,} of {writer.n_rows:,}")

@@ -2,19 +2,19 @@ from __future__ import annotations
 
 from typing import Any
 
-from prefect import get_run_logger, task
+from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from saeflow.config import PipelineConfig
 from storage.activations import ActivationStoreRef
 from storage.stats import compute_site_stats, dask_client, load_site_stats, save_site_stats
-from tasks.common import tracker
+from tasks.common import run_logger, tracker
 
 
 @task(name="stats", cache_policy=NO_CACHE)
 def compute_stats(cfg: PipelineConfig, acts: ActivationStoreRef, parent_run_id: str) -> dict[str, dict[str, Any]]:
     """Per-site mean, variance, norms, normalization scale and outliers with Dask; stored with the array."""
-    log = get_run_logger()
+    log = run_logger()
     st = cfg.stats
     wanted = {"normalize": st.normalize, "outlier_norm_ratio": st.outlier_norm_ratio}
     todo = [

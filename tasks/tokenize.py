@@ -1,19 +1,19 @@
 from __future__ import annotations
 
-from prefect import get_run_logger, task
+from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from sae.tokenize import pack_windows
 from saeflow.config import PipelineConfig
 from storage.text import load_texts
 from storage.tokens import TokenStoreRef, open_token_store, write_token_store
-from tasks.common import loaded_model, token_store_url
+from tasks.common import loaded_model, run_logger, token_store_url
 
 
 @task(name="tokenize", cache_policy=NO_CACHE)
 def tokenize_dataset(cfg: PipelineConfig) -> TokenStoreRef:
     """Text → fixed-length BOS-led token windows in a Zarr store; reuses a finished store with the same identity."""
-    log = get_run_logger()
+    log = run_logger()
     url, identity = token_store_url(cfg)
     if (ref := open_token_store(url)) is not None:
         log.info(f"tokenize: reusing {url} ({ref.n_train} train + {ref.n_eval} eval windows)")

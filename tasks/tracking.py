@@ -3,12 +3,12 @@ from __future__ import annotations
 from typing import Any
 
 import yaml
-from prefect import get_run_logger, task
+from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from saeflow.config import PipelineConfig
 from storage.tokens import TokenStoreRef
-from tasks.common import tracker
+from tasks.common import run_logger, tracker
 
 
 @task(name="start-mlflow-run", cache_policy=NO_CACHE)
@@ -20,7 +20,7 @@ def start_pipeline_run(cfg: PipelineConfig) -> str:
     tr.log_params(run_id, {k: v for k, v in dumped.items() if k != "saes"})
     tr.log_params(run_id, {"saes": [s.label() for s in cfg.saes]})
     tr.client.log_text(run_id, yaml.safe_dump(dumped, sort_keys=False), "config/resolved.yaml")
-    get_run_logger().info(f"MLflow run {run_id} at {tr.tracking_uri}")
+    run_logger().info(f"MLflow run {run_id} at {tr.tracking_uri}")
     return run_id
 
 

@@ -5,7 +5,7 @@ import tempfile
 from typing import Any
 
 import torch
-from prefect import get_run_logger, task
+from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from sae.base import SAEConfig, build_sae
@@ -16,7 +16,7 @@ from storage.activations import ActivationStoreRef, iter_training_batches, sampl
 from storage.checkpoints import save_sae
 from storage.tracking import registered_model_name
 from storage.zarr_io import config_hash
-from tasks.common import TrainedSAE, model_identity, tracker
+from tasks.common import TrainedSAE, model_identity, run_logger, tracker
 
 
 @task(name="train", cache_policy=NO_CACHE)
@@ -29,7 +29,7 @@ def train_site_saes(
     parent_run_id: str,
 ) -> list[TrainedSAE]:
     """Train `specs` on one shared stream of `site` batches; log each to its own nested MLflow run and register it."""
-    log = get_run_logger()
+    log = run_logger()
     tr = tracker(cfg)
     t = cfg.train
     scale = float(stats["scale"])

@@ -1,0 +1,117 @@
+"""The whole sae_pipeline on the tiny GPT-2, through a real Prefect server, SQLite MLflow + registry, Zarr, Dask."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from mlflow import MlflowClient
+from typer.testing import CliRunner
+
+import saeflow
+from flows.pipeline import sae_pipeline
+from sae.evaluation import evaluate_site
+from sae.models import load_model
+from saeflow.cli import app
+from storage.tokens import iter_window_batches, open_token_store
+from tasks.common import token_store_url
+
+from tests.conftest import tiny_config
+
+
+def store_files(root: str) -> dict[str, float]:
+    out = {}
+    for d, _, files in os.walk(root):
+        for f in files:
+            p = os.path.join(d, f)
+            out[p] = os.stat(p).st_mtime_ns
+    return out
+
+
+@pytest.fixture(scope="module")
+def pipeline_runs(prefect_server, tiny_gpt2_dir, tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("pipeline"))
+    cfg = tiny_config(root, tiny_gpt2_dir)
+    first = sae_pipeline(cfg)
+    files_after_first = store_files(cfg.store_url)
+    second = sae_pipeline(cfg)
+    return cfg, first, second, files_after_first
+
+
+def test_pipeline_logs_parent_and_nested_runs(pipeline_runs):
+    cfg, first, _, _ = pipeline_runs
+    client = MlflowClient(cfg.tracking_uri)
+    parent = client.get_run(first["run_id"])
+    assert parent.info.status == "FINISHED"
+    for site in cfg.extract.sites:
+        assert parent.data.metrics[f"stats.{site}.scale"] > 0
+    arts = {a.path for a in client.list_artifacts(first["run_id"])}
+    assert {"config", "stats", "manifests", "eval"} <= arts
+    tok_manifest = client.download_artifacts(first["run_id"], "manifests/tokens.json")
+    assert '"content_hash"' in open(tok_manifest).read()
+    children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{first['run_id']}'")
+    assert len(children) == len(cfg.extract.sites) * len(cfg.saes)
+    for child in children:
+        m = child.data.metrics
+        assert child.info.status == "FINISHED"
+        for key in ("eval/fvu", "eval/l0", "eval/mse", "eval/dead_fraction", "eval/ce_loss_recovered",
+                    "eval/ce_loss_clean", "eval/ce_loss_spliced", "eval/ce_loss_zero_ablation", "eval/kl_div",
+                    "train/loss", "train/fvu", "train/l0", "train/dead_fraction"):
+            assert key in m, key
+        assert len(client.get_metric_history(child.info.run_id, "train/loss")) > 3
+        assert 0 <= m["eval/fvu"] < 1.5 and m["eval/l0"] > 0
+        names = {a.path for a in client.list_artifacts(child.info.run_id, "sae")}
+        assert names == {"sae/cfg.json", "sae/sae_weights.safetensors"}
+
+
+def test_saes_are_registered_with_tags_and_new_versions_per_run(pipeline_runs):
+    cfg, first, second, _ = pipeline_runs
+    client = MlflowClient(cfg.tracking_uri, cfg.tracking_uri)
+    models = {m.name for m in client.search_registered_models()}
+    want = {f"saeflow.{os.path.basename(cfg.model.name)}.{site}.{arch}"
+            for site in cfg.extract.sites for arch in ("topk", "relu")}
+    assert want <= models
+    for name in want:
+        versions = client.search_model_versions(f"name = '{name}'")
+        assert sorted(int(v.version) for v in versions) == [1, 2]  # one per pipeline run
+        for v in versions:
+            assert {"site", "architecture", "data_hash", "config_hash"} <= set(v.tags)
+        assert str(client.get_model_version_by_alias(name, "current").version) == "2"
+
+
+def test_second_run_reuses_tokenize_extract_and_stats(pipeline_runs):
+    cfg, first, second, files_after_first = pipeline_runs
+    assert store_files(cfg.store_url) == files_after_first  # not one byte of the stores rewritten
+    assert open_token_store(token_store_url(cfg)[0]) is not None
+    for site in cfg.extract.sites:
+        for label, m in first["metrics"][site].items():
+            assert second["metrics"][site][label]["fvu"] == pytest.approx(m["fvu"], rel=1e-5)  # same seed, same data
+
+
+def test_pulled_registered_sae_reproduces_its_logged_metrics(pipeline_runs, tmp_path, tiny_gpt2_dir):
+    cfg, first, _, _ = pipeline_runs
+    site = "resid_post.1"
+    name = f"saeflow.{os.path.basename(cfg.model.name)}.{site}.topk"
+    result = CliRunner().invoke(app, ["pull", f"{name}@current", str(tmp_path / "pulled"),
+                                      "--tracking-uri", cfg.tracking_uri])
+    assert result.exit_code == 0, result.output
+    pulled = saeflow.load_sae(result.stdout.strip().splitlines()[-1])
+    by_version = saeflow.load_sae(f"{name}/2", tracking_uri=cfg.tracking_uri)
+    for a, b in zip(pulled.state_dict().values(), by_version.state_dict().values()):
+        assert torch.equal(a, b)
+    client = MlflowClient(cfg.tracking_uri, cfg.tracking_uri)
+    run_id = client.get_model_version_by_alias(name, "current").run_id
+    logged = client.get_run(run_id).data.metrics
+    lm = load_model(tiny_gpt2_dir, device="cpu")
+    tokens = open_token_store(token_store_url(cfg)[0])
+    batches = [ids for _, ids in iter_window_batches(tokens, "eval", cfg.eval.batch_size)]
+    stats = client.download_artifacts(first["run_id"], f"stats/{site}.json")
+    import json
+
+    st = json.load(open(stats))
+    m = evaluate_site(lm.model, batches, site, {"pulled": pulled}, True,
+                      mean_activation=torch.tensor(st["mean"], dtype=torch.float32),
+                      outlier_norm=st["outlier_norm_threshold"], progress=False)["pulled"]
+    for key in ("fvu", "l0", "ce_loss_recovered", "kl_div"):
+        assert m[key] == pytest.approx(logged[f"eval/{key}"], rel=1e-5, abs=1e-7), key
