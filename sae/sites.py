@@ -126,9 +126,9 @@ def capture_sites(model: nn.Module, sites: list[str], stop_early: bool = True) -
 
         return hook
 
-    for s in parsed:
-        handles.append(site_module(model, s).register_forward_hook(hook_for(str(s), s == deepest)))
     try:
+        for s in parsed:
+            handles.append(site_module(model, s).register_forward_hook(hook_for(str(s), s == deepest)))
         yield captured
     finally:
         for h in handles:

@@ -1,0 +1,100 @@
+"""Bad input fails with one clear line and leaves nothing half-registered."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+from mlflow import MlflowClient
+from typer.testing import CliRunner
+
+from saeflow.cli import app
+from saeflow.config import ConfigError, load_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_cli(*args):
+    return CliRunner().invoke(app, list(args))
+
+
+def error_line(result) -> str:
+    lines = [ln for ln in result.stderr.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize("path", ["configs/demo.yaml", "configs/gpt2-openwebtext.yaml", "configs/sotu-smollm2.yaml"])
+def test_shipped_configs_validate_offline(path):
+    cfg = load_config(f"{ROOT}/{path}")
+    assert cfg.extract.sites and cfg.saes
+
+
+def test_unknown_key_is_named(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump({"tokens": {"context_sise": 64}}))
+    with pytest.raises(ConfigError, match=r"tokens\.context_sise: unknown key"):
+        load_config(str(p))
+    res = run_cli("validate", str(p))
+    assert res.exit_code == 2 and "tokens.context_sise" in error_line(res)
+
+
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        ("tokens.context_size=1", "tokens.context_size"),
+        ("saes.0.architecture=resnet", "saes.0"),
+        ("saes.0.k=0", "saes.0.topk.k"),
+        ("extract.sites=[resid_post]", "bad site 'resid_post'"),
+        ("stats.normalize=l2", "stats.normalize"),
+        ("tokens", "must look like key.path=value"),
+    ],
+)
+def test_invalid_values_fail_with_one_line(override, fragment):
+    res = run_cli("validate", f"{ROOT}/configs/demo.yaml", "--set", override)
+    assert res.exit_code == 2
+    assert fragment in error_line(res)
+
+
+def test_missing_config_file():
+    res = run_cli("validate", "/no/such/config.yaml")
+    assert res.exit_code == 2 and "not found" in error_line(res)
+
+
+def run_cli_process(*args) -> subprocess.CompletedProcess:
+    """The installed `saeflow` command in its own process, talking to the test session's Prefect server."""
+    from prefect.settings import PREFECT_API_URL
+
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
+    exe = os.path.join(os.path.dirname(sys.executable), "saeflow")
+    return subprocess.run([exe, *args], capture_output=True, text=True, env=env, timeout=600)
+
+
+def _write(tmp_path, cfg) -> str:
+    p = tmp_path / "cfg.yaml"
+    p.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    return str(p)
+
+
+def test_missing_model_path_fails_clearly_and_registers_nothing(prefect_server, make_config, tmp_path):
+    cfg = make_config(model={"name": str(tmp_path / "no-such-model")})
+    res = run_cli_process("run", _write(tmp_path, cfg))
+    assert res.returncode == 2
+    assert "does not exist" in error_line(res) and "no-such-model" in error_line(res)
+    assert MlflowClient(cfg.tracking_uri, cfg.tracking_uri).search_registered_models() == []
+
+
+def test_unknown_site_fails_clearly_and_registers_nothing(prefect_server, make_config, tmp_path):
+    cfg = make_config(extract={"sites": ["resid_post.1", "resid_post.7"]})
+    res = run_cli_process("run", _write(tmp_path, cfg))
+    assert res.returncode == 2
+    line = error_line(res)
+    assert "resid_post.7 does not exist" in line and "3 blocks" in line
+    client = MlflowClient(cfg.tracking_uri, cfg.tracking_uri)
+    assert client.search_registered_models() == []
+    runs = client.search_runs([client.get_experiment_by_name("saeflow").experiment_id])
+    assert [r.info.status for r in runs] == ["FAILED"]
+
