@@ -109,7 +109,8 @@ class Tracker:
 
 def registered_model_name(prefix: str, model: str, site: str, architecture: str) -> str:
     """One registered model per model/site/architecture; MLflow names may not contain '/', '@' or ':'."""
-    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", os.path.basename(model.rstrip("/")) or model).strip("-")
+    base = model.removeprefix("pypi:")
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", os.path.basename(base.rstrip("/")) or base).strip("-")
     return f"{prefix}{slug}.{site}.{architecture}"
 
 
