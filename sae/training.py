@@ -1,21 +1,23 @@
 """Training loop for a group of SAEs fed by one stream of activation batches (SPEC 3).
 
 Several SAEs share each batch, so a sweep reads the activations once. Every SAE has its own Adam optimizer,
-learning-rate schedule and dead-latent counters.
+learning-rate schedule and dead-latent counters. `SAETrainer.state_dict()` is everything a resumed run needs
+(SPEC 3.4); writing it to disk is the storage layer's job.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
-from typing import Literal
+import os
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Literal, NamedTuple
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from sae.base import SAE, TrainState
+from sae.base import SAE, SAEConfig, TrainState
 
 
 class TrainingConfig(BaseModel):
@@ -41,6 +43,8 @@ class TrainingConfig(BaseModel):
     """torch device for training: auto picks cuda > mps > cpu."""
     autocast: Literal["auto", "off", "bf16", "fp16"] = "auto"
     """Mixed precision on GPU; auto = bf16 on CUDA, off on CPU."""
+    checkpoint_every_tokens: int | None = Field(None, ge=1)
+    """Save a resumable training state every this many tokens (SPEC 3.4); None saves none."""
 
 
 def pick_device(device: str = "auto") -> torch.device:
@@ -80,13 +84,100 @@ def lr_lambda(total_steps: int, warmup: float, decay: float) -> Callable[[int], 
     return scale
 
 
+# ----- memory: estimated from the configs, checked before anything is moved to the device -------------------------
+ACTIVATION_COPIES = 6
+"""[batch, d_sae] float tensors alive at once per SAE in a step: pre-acts, code, their gradients, masks, temporaries."""
+
+
+class MemoryEstimate(NamedTuple):
+    """Bytes a training group needs (fp32 throughout), from configs alone."""
+
+    per_sae: list[tuple[str, int]]
+    """(label, bytes) per SAE: parameters, gradients, Adam's two moments, one batch's activations, dead counters."""
+    buffer: int
+    """Host bytes the batch stream holds (chunks pooled for shuffling)."""
+
+    @property
+    def saes(self) -> int:
+        return sum(b for _, b in self.per_sae)
+
+    @property
+    def total(self) -> int:
+        return self.saes + self.buffer
+
+
+def estimate_training_memory(
+    specs: Sequence[SAEConfig], d_in: int, batch_size: int, buffer_bytes: int = 0
+) -> MemoryEstimate:
+    """Bytes to train `specs` side by side on batches of `batch_size` rows of width d_in."""
+    per_sae = []
+    for spec in specs:
+        d_sae = spec.n_latents(d_in)
+        params = 2 * d_in * d_sae + d_sae + d_in
+        floats = 4 * params + batch_size * (ACTIVATION_COPIES * d_sae + 4 * d_in)  # params, grads, Adam m and v
+        per_sae.append((spec.label(), 4 * floats + 8 * d_sae))
+    return MemoryEstimate(per_sae, buffer_bytes)
+
+
+def format_bytes(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def memory_report(est: MemoryEstimate) -> str:
+    parts = [f"{label} {format_bytes(b)}" for label, b in est.per_sae]
+    return " · ".join([*parts, f"batch buffer {format_bytes(est.buffer)}", f"total {format_bytes(est.total)}"])
+
+
+def available_memory(device: torch.device) -> tuple[int, str] | None:
+    """(free bytes, what they are) where training tensors live: free CUDA memory on a GPU, else available RAM."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0], f"free on {device}"
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024, "available RAM"
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "free RAM"
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+class TrainingMemoryError(RuntimeError):
+    """A training group will not fit in memory; str() is one line naming the group, the numbers and the fix."""
+
+
+def check_training_memory(est: MemoryEstimate, device: torch.device, group: str, allocated: int = 0) -> None:
+    """Fail before allocating anything when `est` exceeds the memory available on `device`.
+
+    `allocated`: bytes of the estimate already held on `device` (e.g. SAE weights built before the check).
+    """
+    need = est.saes if device.type == "cuda" else est.total  # on a GPU the batch buffer stays in host RAM
+    avail = available_memory(device)
+    if avail is None or need - allocated <= avail[0]:
+        return
+    label, biggest = max(est.per_sae, key=lambda p: p[1])
+    raise TrainingMemoryError(
+        f"{group}: training needs about {format_bytes(need)} (largest SAE {label}: {format_bytes(biggest)}) but "
+        f"only {format_bytes(avail[0])} is {avail[1]}; lower train.batch_size or the SAEs' expansion_factor/d_sae, "
+        "or set train.group_by_site=false to train one SAE per task"
+    )
+
+
 class SAETrainer:
     """Steps a group of SAEs on shared batches; owns optimizers, schedulers and dead-latent counters."""
 
-    def __init__(self, saes: list[SAE], cfg: TrainingConfig, total_tokens: int):
+    def __init__(
+        self, saes: list[SAE], cfg: TrainingConfig, total_tokens: int, group: str = "SAE group", buffer_bytes: int = 0
+    ):
         self.saes = saes
         self.cfg = cfg
         self.device = pick_device(cfg.device)
+        est = estimate_training_memory([s.cfg for s in saes], saes[0].d_in, cfg.batch_size, buffer_bytes)
+        built = sum(t.numel() * t.element_size() for s in saes for t in s.parameters() if t.device == self.device)
+        check_training_memory(est, self.device, group, allocated=built)
         self.total_steps = max(1, math.ceil(total_tokens / cfg.batch_size))
         self.dead_tokens = cfg.dead_tokens or max(cfg.batch_size, min(10_000_000, total_tokens // 4))
         self.step_count = 0
@@ -152,6 +243,45 @@ class SAETrainer:
         self.tokens_seen += x.shape[0]
         return stats
 
+    # ----- resume (SPEC 3.4) ----------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a resumed run needs to continue bit-for-bit: weights, optimizer and scheduler states,
+        dead counters, step and token counts, torch RNG. Tensors are returned as they are (any device)."""
+        rng = {"torch": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        return {
+            "step_count": self.step_count,
+            "tokens_seen": self.tokens_seen,
+            "total_steps": self.total_steps,
+            "dead_tokens": self.dead_tokens,
+            "rng": rng,
+            "saes": [
+                {"label": sae.cfg.label(), "weights": sae.state_dict(), "optimizer": opt.state_dict(),
+                 "scheduler": sched.state_dict(), "tokens_since_fired": since}
+                for sae, opt, sched, since in zip(self.saes, self.optimizers, self.schedulers, self.tokens_since_fired)
+            ],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from `state_dict()` of a trainer built with the same SAEs, config and token budget."""
+        labels = [s["label"] for s in state["saes"]]
+        mine = (self.total_steps, self.dead_tokens, [sae.cfg.label() for sae in self.saes])
+        if (state["total_steps"], state["dead_tokens"], labels) != mine:
+            raise ValueError(
+                f"training state (steps {state['total_steps']}, dead window {state['dead_tokens']}, SAEs {labels}) "
+                f"does not match this trainer (steps {mine[0]}, dead window {mine[1]}, SAEs {mine[2]})"
+            )
+        for i, (sae, s) in enumerate(zip(self.saes, state["saes"])):
+            sae.load_state_dict(s["weights"])
+            self.optimizers[i].load_state_dict(s["optimizer"])
+            self.schedulers[i].load_state_dict(s["scheduler"])
+            self.tokens_since_fired[i].copy_(s["tokens_since_fired"])
+        self.step_count, self.tokens_seen = int(state["step_count"]), int(state["tokens_seen"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if "cuda" in state["rng"] and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
+
     def _metrics(self, x: Tensor, out, i: int) -> dict[str, float]:
         err = (x - out.x_hat.float()).pow(2).sum()
         var = (x - x.mean(0)).pow(2).sum().clamp_min(1e-12)
@@ -167,6 +297,7 @@ class SAETrainer:
 
 
 StepCallback = Callable[[int, int, list[dict[str, float]]], None]
+CheckpointCallback = Callable[[SAETrainer], None]
 
 
 def train_saes(
@@ -177,23 +308,41 @@ def train_saes(
     b_dec_sample: Tensor | None = None,
     on_step: StepCallback | None = None,
     progress: bool = True,
+    resume_from: dict[str, Any] | None = None,
+    on_checkpoint: CheckpointCallback | None = None,
+    group: str = "SAE group",
+    buffer_bytes: int = 0,
 ) -> SAETrainer:
     """Train every SAE in `saes` on the same `batches` until `total_tokens` rows have been consumed.
 
     `on_step(step, tokens_seen, metrics)` is called after steps that report metrics (every `log_every`).
+    `on_checkpoint(trainer)` is called each time `cfg.checkpoint_every_tokens` more tokens have been consumed;
+    it saves `trainer.state_dict()` with the position of `batches`. `resume_from` is such a state: training continues
+    from it (b_dec_sample is then ignored) and `batches` must continue from the matching position.
+    Fails before training, naming `group`, when the estimated memory exceeds what is available.
     """
     torch.manual_seed(cfg.seed)
-    trainer = SAETrainer(saes, cfg, total_tokens)
-    if b_dec_sample is not None:
+    trainer = SAETrainer(saes, cfg, total_tokens, group, buffer_bytes)
+    if resume_from is not None:
+        trainer.load_state_dict(resume_from)
+    elif b_dec_sample is not None:
         trainer.init_b_dec(b_dec_sample)
-    bar = tqdm(total=total_tokens, unit="tok", unit_scale=True, desc="train", disable=not progress)
-    for x in batches:
-        if trainer.tokens_seen >= total_tokens:
+    every = cfg.checkpoint_every_tokens
+    bar = tqdm(total=total_tokens, initial=trainer.tokens_seen, unit="tok", unit_scale=True, desc="train",
+               disable=not progress)
+    stream = iter(batches)
+    while trainer.tokens_seen < total_tokens:
+        x = next(stream, None)
+        if x is None:  # a finite stream ran out
             break
+        before = trainer.tokens_seen
         metrics = trainer.step(x)
         bar.update(x.shape[0])
         if on_step and metrics and metrics[0]:
             on_step(trainer.step_count, trainer.tokens_seen, metrics)
+        crossed = every is not None and trainer.tokens_seen // every > before // every
+        if on_checkpoint and crossed and trainer.tokens_seen < total_tokens:
+            on_checkpoint(trainer)
     bar.close()
     for sae in saes:
         sae.eval()

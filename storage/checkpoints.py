@@ -1,18 +1,36 @@
-"""SAE checkpoints on disk: `sae_weights.safetensors` + `cfg.json` (never pickle)."""
+"""SAE checkpoints on disk: `sae_weights.safetensors` + `cfg.json` (never pickle), and resumable training states.
+
+A training state (SPEC 3.4) is a directory `state-<n>/` under a checkpoint directory holding `state.safetensors`
+(every tensor: weights, Adam moments, dead counters, RNG, carried rows) and `state.json` (the structure around them,
+with `{"__tensor__": key}` where a tensor was). It is written under a `.tmp-` name and renamed into place, so a run
+killed while saving leaves the previous state the newest complete one.
+"""
 
 from __future__ import annotations
 
 import json
 import os
-from typing import Any
+import re
+import shutil
+import tempfile
+from typing import TYPE_CHECKING, Any, NamedTuple
 
+import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from sae.base import SAE, build_sae, config_from_dict
 
+if TYPE_CHECKING:
+    from sae.training import SAETrainer
+
 WEIGHTS = "sae_weights.safetensors"
 CONFIG = "cfg.json"
+STATE_TENSORS = "state.safetensors"
+STATE_JSON = "state.json"
+STATE_FORMAT = "saeflow.training_state/1"
+_STATE_DIR = re.compile(r"state-(\d+)")
 
 
 def save_sae(sae: SAE, directory: str, metadata: dict[str, Any] | None = None) -> str:
@@ -40,3 +58,126 @@ def load_sae(directory: str, device: str | torch.device = "cpu") -> SAE:
     sae = build_sae(config_from_dict(cfg["sae"]), cfg["d_in"])
     sae.load_state_dict(load_file(os.path.join(directory, WEIGHTS), device=str(device)))
     return sae.to(device).eval()
+
+
+# ----- resumable training states (SPEC 3.4) --------------------------------------------------------------------
+class TrainingCheckpoint(NamedTuple):
+    """A training state read back from disk."""
+
+    path: str
+    state: dict[str, Any]
+    """`SAETrainer.state_dict()` as saved (tensors on CPU)."""
+    cursor: dict[str, Any]
+    """Position of the batch stream after the last step taken."""
+    extra: dict[str, Any]
+    """The caller's JSON: the config the state belongs to, run ids, metric history."""
+
+    @property
+    def tokens_seen(self) -> int:
+        return int(self.state["tokens_seen"])
+
+
+def _encode(obj: Any, tensors: dict[str, torch.Tensor], key: str) -> Any:
+    """JSON skeleton of a tree of dicts/lists/tuples/scalars, moving each tensor into `tensors` under its path."""
+    if isinstance(obj, np.ndarray):
+        obj = torch.from_numpy(obj)
+    if isinstance(obj, torch.Tensor):
+        tensors[key] = obj.detach().cpu().contiguous()
+        return {"__tensor__": key}
+    if isinstance(obj, dict):
+        if all(isinstance(k, str) and not k.startswith("__") for k in obj):
+            return {k: _encode(v, tensors, f"{key}/{k}") for k, v in obj.items()}
+        return {"__items__": [[k, _encode(v, tensors, f"{key}/{k}")] for k, v in obj.items()]}  # e.g. int keys
+    if isinstance(obj, tuple):
+        return {"__tuple__": [_encode(v, tensors, f"{key}/{i}") for i, v in enumerate(obj)]}
+    if isinstance(obj, list):
+        return [_encode(v, tensors, f"{key}/{i}") for i, v in enumerate(obj)]
+    if obj is None or isinstance(obj, bool | int | float | str):
+        return obj
+    if isinstance(obj, np.integer | np.floating | np.bool_):
+        return obj.item()
+    raise TypeError(f"cannot store a {type(obj).__name__} at {key} in a training state")
+
+
+def _decode(node: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(node, list):
+        return [_decode(v, tensors) for v in node]
+    if not isinstance(node, dict):
+        return node
+    if "__tensor__" in node:
+        return tensors[node["__tensor__"]]
+    if "__tuple__" in node:
+        return tuple(_decode(v, tensors) for v in node["__tuple__"])
+    if "__items__" in node:
+        return {k: _decode(v, tensors) for k, v in node["__items__"]}
+    return {k: _decode(v, tensors) for k, v in node.items()}
+
+
+def _fsync(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _state_dirs(directory: str) -> list[tuple[int, str]]:
+    """(sequence number, name) of the complete states under `directory`, newest first."""
+    if not os.path.isdir(directory):
+        return []
+    found = [(int(m[1]), n) for n in os.listdir(directory) if (m := _STATE_DIR.fullmatch(n))]
+    return sorted(found, reverse=True)
+
+
+def save_training_state(
+    directory: str, trainer: SAETrainer, cursor: dict[str, Any], extra: dict[str, Any] | None = None
+) -> str:
+    """Write the trainer's state, the batch cursor and `extra` (JSON) as the newest state under `directory`.
+
+    Atomic: everything is written to a `.tmp-` directory first and renamed into place; older states and leftover
+    temporary directories are removed only after that. Returns the new state's path.
+    """
+    os.makedirs(directory, exist_ok=True)
+    tensors: dict[str, torch.Tensor] = {}
+    tree = {
+        "format": STATE_FORMAT,
+        "tokens_seen": trainer.tokens_seen,
+        "trainer": _encode(trainer.state_dict(), tensors, "trainer"),
+        "cursor": _encode(cursor, tensors, "cursor"),
+        "extra": extra or {},
+    }
+    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=directory)
+    save_file(tensors, os.path.join(tmp, STATE_TENSORS))
+    with open(os.path.join(tmp, STATE_JSON), "w") as f:
+        json.dump(tree, f, default=str)
+    for name in (STATE_TENSORS, STATE_JSON):
+        _fsync(os.path.join(tmp, name))
+    newest = _state_dirs(directory)
+    name = f"state-{(newest[0][0] + 1) if newest else 0:06d}"
+    os.rename(tmp, os.path.join(directory, name))
+    _fsync(directory)
+    for other in os.listdir(directory):
+        if other != name and (other.startswith(".tmp-") or _STATE_DIR.fullmatch(other)):
+            shutil.rmtree(os.path.join(directory, other), ignore_errors=True)
+    return os.path.join(directory, name)
+
+
+def load_training_state(directory: str) -> TrainingCheckpoint | None:
+    """The newest complete, readable training state under `directory`, or None.
+
+    `.tmp-` directories (a save that was killed) and states whose files cannot be read are skipped.
+    """
+    for _, name in _state_dirs(directory):
+        path = os.path.join(directory, name)
+        try:
+            with open(os.path.join(path, STATE_JSON)) as f:
+                tree = json.load(f)
+            if tree.get("format") != STATE_FORMAT:
+                continue
+            tensors = load_file(os.path.join(path, STATE_TENSORS))
+            return TrainingCheckpoint(
+                path, _decode(tree["trainer"], tensors), _decode(tree["cursor"], tensors), tree["extra"]
+            )
+        except (OSError, ValueError, KeyError, TypeError, SafetensorError):
+            continue
+    return None

@@ -1,22 +1,74 @@
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import tempfile
 from typing import Any
 
 import torch
+from mlflow.exceptions import MlflowException
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from sae.base import SAEConfig, build_sae
 from sae.plots import training_curves
-from sae.training import train_saes
+from sae.training import (
+    SAETrainer,
+    check_training_memory,
+    estimate_training_memory,
+    memory_report,
+    pick_device,
+    train_saes,
+)
 from saeflow.config import PipelineConfig
-from storage.activations import ActivationStoreRef, iter_training_batches, sample_rows
-from storage.checkpoints import save_sae
-from storage.tracking import registered_model_name
+from storage.activations import ActivationStoreRef, iter_training_batches, sample_rows, training_buffer_bytes
+from storage.checkpoints import TrainingCheckpoint, load_training_state, save_sae, save_training_state
+from storage.tracking import Tracker, registered_model_name
 from storage.zarr_io import config_hash
 from tasks.common import TrainedSAE, model_identity, run_logger, tracker
+
+
+def checkpoint_location(
+    cfg: PipelineConfig, acts: ActivationStoreRef, site: str, specs: list[SAEConfig], scale: float, total: int
+) -> tuple[str, dict[str, Any]]:
+    """`<root>/checkpoints/<key>/` of this group (key: site, SAE specs, activation store) and the identity a
+    training state there must carry to be resumed: the same key, training settings, token budget and scale."""
+    key = config_hash({"site": site, "saes": [s.model_dump() for s in specs], "activations": acts.url,
+                       "data_hash": acts.manifest(site)["content_hash"]})
+    train = cfg.train.model_dump(exclude={"log_every", "checkpoint_every_tokens"})  # neither changes the weights
+    identity = json.loads(json.dumps({"key": key, "train": train, "total_tokens": total, "scale": scale}, default=str))
+    return os.path.join(cfg.root, "checkpoints", key), identity
+
+
+def open_runs(
+    tr: Tracker, site: str, specs: list[SAEConfig], parent_run_id: str, params: dict[str, Any],
+    ckpt: TrainingCheckpoint | None,
+) -> list[str]:
+    """One nested MLflow run per SAE. A resumed group continues the runs its checkpoint names, moved under the
+    current parent run; if those are gone it starts new ones and replays the checkpoint's metric history."""
+    if ckpt is not None:
+        runs = ckpt.extra.get("runs", [])
+        try:
+            alive = len(runs) == len(specs) and all(
+                tr.client.get_run(r).info.lifecycle_stage == "active" for r in runs)
+        except MlflowException:
+            alive = False
+        if alive:
+            for run_id in runs:
+                tr.client.update_run(run_id, status="RUNNING")
+                tr.set_tags(run_id, {"mlflow.parentRunId": parent_run_id, "resumed_at_tokens": ckpt.tokens_seen})
+            return runs
+    runs = []
+    for spec in specs:
+        tags = {"site": site, "architecture": spec.architecture}
+        run_id = tr.start_run(f"{site}/{spec.label()}", parent_run_id, tags)
+        tr.log_params(run_id, {"sae": spec.model_dump(), **params})
+        runs.append(run_id)
+    for run_id, hist in zip(runs, ckpt.extra["history"] if ckpt else []):
+        for m in hist:
+            tr.log_metrics(run_id, {k: v for k, v in m.items() if k != "tokens"}, step=m["tokens"], prefix="train/")
+    return runs
 
 
 @task(name="train", cache_policy=NO_CACHE)
@@ -28,22 +80,34 @@ def train_site_saes(
     specs: list[SAEConfig],
     parent_run_id: str,
 ) -> list[TrainedSAE]:
-    """Train `specs` on one shared stream of `site` batches; log each to its own nested MLflow run and register it."""
+    """Train `specs` on one shared stream of `site` batches; log each to its own nested MLflow run and register it.
+
+    With `train.checkpoint_every_tokens` the group's training state is saved under `<root>/checkpoints/<key>/`; a
+    later call with the same config resumes from the newest one (SPEC 3.4). Fails before building anything when
+    the group will not fit in memory.
+    """
     log = run_logger()
-    tr = tracker(cfg)
     t = cfg.train
+    buffer_bytes = training_buffer_bytes(acts, t.batch_size)
+    est = estimate_training_memory(specs, acts.d_model, t.batch_size, buffer_bytes)
+    log.info(f"train {site}: memory estimate {memory_report(est)}")
+    group = f"train {site} [{', '.join(s.label() for s in specs)}]"
+    check_training_memory(est, pick_device(t.device), group)
+    tr = tracker(cfg)
     scale = float(stats["scale"])
     total = t.tokens or stats["n_rows_used"]
+    ckpt_dir, identity = checkpoint_location(cfg, acts, site, specs, scale, total)
+    ckpt = load_training_state(ckpt_dir)
+    if ckpt is not None and ckpt.extra.get("identity") != identity:
+        log.warning(f"train {site}: ignoring {ckpt.path}: it was saved with a different training config")
+        ckpt = None
     torch.manual_seed(t.seed)
     saes = [build_sae(spec, acts.d_model) for spec in specs]
     for s in saes:
         s.input_scale.fill_(scale)
-    runs = []
-    for spec in specs:
-        run_id = tr.start_run(f"{site}/{spec.label()}", parent_run_id, {"site": site, "architecture": spec.architecture})
-        tr.log_params(run_id, {"sae": spec.model_dump(), "train": t.model_dump(), "site": site, "total_tokens": total})
-        runs.append(run_id)
-    history: list[list[dict[str, float]]] = [[] for _ in specs]
+    runs = open_runs(tr, site, specs, parent_run_id, {"train": t.model_dump(), "site": site, "total_tokens": total},
+                     ckpt)
+    history: list[list[dict[str, float]]] = ckpt.extra["history"] if ckpt else [[] for _ in specs]
 
     def on_step(step: int, tokens: int, metrics: list[dict[str, float]]) -> None:
         for i, m in enumerate(metrics):
@@ -53,11 +117,24 @@ def train_site_saes(
             log.info(f"train {site}: {tokens:,}/{total:,} tokens · " + " · ".join(
                 f"{spec.label()} fvu {m['fvu']:.3f} l0 {m['l0']:.1f}" for spec, m in zip(specs, metrics)))
 
-    log.info(f"train {site}: {len(saes)} SAEs on {total:,} tokens, scale {scale:.4g}")
-    batches = iter_training_batches(acts, site, t.batch_size, scale, t.seed)
-    sample = sample_rows(acts, site, t.b_dec_sample_rows, scale, t.seed)
+    batches = iter_training_batches(acts, site, t.batch_size, scale, t.seed, cursor=ckpt.cursor if ckpt else None)
+
+    def on_checkpoint(trainer: SAETrainer) -> None:
+        extra = {"identity": identity, "runs": runs, "history": history}
+        path = save_training_state(ckpt_dir, trainer, batches.cursor(), extra)
+        log.info(f"train {site}: checkpoint at {trainer.tokens_seen:,}/{total:,} tokens in {path}")
+
+    if ckpt is not None:
+        log.info(f"train {site}: resuming from {ckpt.path} at {ckpt.tokens_seen:,}/{total:,} tokens")
+        sample = None  # b_dec comes with the checkpoint's weights
+    else:
+        log.info(f"train {site}: {len(saes)} SAEs on {total:,} tokens, scale {scale:.4g}")
+        sample = sample_rows(acts, site, t.b_dec_sample_rows, scale, t.seed)
     try:
-        train_saes(saes, batches, t, total, b_dec_sample=sample, on_step=on_step)
+        train_saes(saes, batches, t, total, b_dec_sample=sample, on_step=on_step,
+                   resume_from=ckpt.state if ckpt else None,
+                   on_checkpoint=on_checkpoint if t.checkpoint_every_tokens else None,
+                   group=group, buffer_bytes=buffer_bytes)
     except BaseException:
         for run_id in runs:
             tr.end_run(run_id, "FAILED")
@@ -82,4 +159,5 @@ def train_site_saes(
         tr.set_tags(run_id, {"registered_model": name, "registered_version": version})
         log.info(f"train {site}: registered {name} version {version}")
         out.append(TrainedSAE(site, spec.label(), spec.architecture, run_id, name, version))
+    shutil.rmtree(ckpt_dir, ignore_errors=True)  # finished and registered: nothing left to resume
     return out
