@@ -155,7 +155,8 @@ class PipelineConfig(Strict):
 
     @property
     def store_url(self) -> str:
-        return self.store or os.path.join(self.root, "store")
+        url = self.store or os.path.join(self.root, "store")
+        return url if "://" in url else os.path.abspath(os.path.expanduser(url))
 
     @property
     def tracking_uri(self) -> str:
