@@ -104,8 +104,12 @@ class SAE(nn.Module):
 
     # ----- the interface ---------------------------------------------------------------------------------
     def pre_acts(self, x: Tensor) -> Tensor:
-        """π(x) = (x − b_dec) W_enc + b_enc (SPEC 1)."""
-        return (x - self.b_dec) @ self.W_enc + self.b_enc
+        """π(x) = (x − b_dec) W_enc + b_enc (SPEC 1).
+
+        Written as x W_enc − (b_dec W_enc − b_enc) so backward gets b_dec's gradient from a [d_sae] vector instead of
+        a full [B, d_sae] × [d_sae, d_in] product: a sixth of a dense training step.
+        """
+        return x @ self.W_enc - (self.b_dec @ self.W_enc - self.b_enc)
 
     def encode(self, x: Tensor) -> Tensor:
         raise NotImplementedError
@@ -139,10 +143,6 @@ class SAE(nn.Module):
     def normalize_decoder(self) -> None:
         if self.unit_norm_decoder:
             self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
-
-    def extra_state_tensors(self) -> dict[str, Tensor]:
-        """Inference-time state that is not a parameter (e.g. BatchTopK's threshold); part of the checkpoint."""
-        return {}
 
 
 ARCHITECTURES: dict[str, type[SAE]] = {}

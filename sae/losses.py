@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from sae.kernels import sparse_decode
+
 
 def reconstruction_loss(x: Tensor, x_hat: Tensor) -> Tensor:
     """L_rec = mean over rows of ‖x − x̂‖², summed over d (SPEC 1)."""
@@ -33,7 +35,8 @@ def auxk_loss(
     masked = torch.where(dead_mask, pre_acts, torch.full_like(pre_acts, -torch.inf))
     vals, idx = masked.topk(k, dim=-1, sorted=False)
     vals = torch.relu(vals)
-    e_hat = torch.einsum("bk,bkd->bd", vals, W_dec[idx])  # ê = f_dead W_dec, no bias
+    # ê = f_dead W_dec, no bias; sparse, so memory is B·k_aux indices rather than a [B, k_aux, d] gather.
+    e_hat = sparse_decode(vals, idx, W_dec, W_dec.new_zeros(W_dec.shape[1]))
     num = (e - e_hat).pow(2).sum()
     den = (e - e.mean(0, keepdim=True)).pow(2).sum().clamp_min(1e-12)
     return (num / den) * min(n_dead / k_aux, 1.0)

@@ -23,3 +23,65 @@ def training_curves(history: list[dict[str, float]], title: str):
     fig.suptitle(title)
     fig.tight_layout()
     return fig
+
+
+def feature_density(freqs, title: str):
+    """Histogram of log10 firing frequency per latent; dead latents counted in the title (they have no log)."""
+    import numpy as np
+
+    freqs = np.asarray(freqs, dtype=float)
+    alive = freqs[freqs > 0]
+    fig, ax = plt.subplots(figsize=(5.5, 3.4))
+    if len(alive):
+        ax.hist(np.log10(alive), bins=50, color="tab:blue", alpha=0.85)
+    ax.set_xlabel("log10 firing frequency")
+    ax.set_ylabel("latents")
+    ax.set_title(f"{title}\n{(freqs == 0).sum()} dead of {len(freqs)}", fontsize=9)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def zf_plot(z_norms, f_norms, title: str, eps_times_h: tuple[float, ...] = (0.25, 0.5, 1.0)):
+    """Seed 2's ZF plot: ‖z‖ against ‖f̃‖ with y = x and the AFA bands y = x/√(1 ± c) (SPEC 5.1)."""
+    import numpy as np
+
+    z, f = np.asarray(z_norms, float), np.asarray(f_norms, float)
+    fig, ax = plt.subplots(figsize=(4.8, 4.4))
+    ax.scatter(z, f, s=3, alpha=0.35, color="tab:blue", label="tokens", rasterized=True)
+    lim = float(max(z.max(initial=1), f.max(initial=1))) * 1.05
+    xs = np.linspace(0, lim, 50)
+    ax.plot(xs, xs, color="black", lw=1, label="y = x (linear AFA)")
+    for c, style in zip(eps_times_h, (":", "--", "-.")):
+        ax.plot(xs, xs / np.sqrt(1 + c), color="tab:red", lw=0.8, ls=style, label=f"c = {c}")
+        if c < 1:
+            ax.plot(xs, xs / np.sqrt(1 - c), color="tab:red", lw=0.8, ls=style)
+    ax.set_xlim(0, lim)
+    ax.set_ylim(0, lim)
+    ax.set_xlabel("‖z‖ (input norm)")
+    ax.set_ylabel("‖f̃‖ (decoder-weighted code norm)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    return fig
+
+
+def frontier(rows: list[dict], x: str, y: str, title: str):
+    """One panel per site, one line per architecture: `y` against `x` (e.g. L0 vs FVU), points sorted by x."""
+    sites = sorted({r["site"] for r in rows})
+    fig, axes = plt.subplots(1, len(sites), figsize=(5 * len(sites), 3.8), squeeze=False)
+    for ax, site in zip(axes[0], sites):
+        for arch in sorted({r["architecture"] for r in rows if r["site"] == site}):
+            pts = sorted((r[x], r[y]) for r in rows if r["site"] == site and r["architecture"] == arch
+                         and r.get(x) is not None and r.get(y) is not None)
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", lw=1.4, label=arch)
+        ax.set_xscale("log")
+        ax.set_xlabel(x)
+        ax.set_ylabel(y)
+        ax.set_title(site)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig

@@ -9,6 +9,7 @@ from pydantic import Field
 from torch import Tensor
 
 from sae.base import SAE, SAEConfig, SAEOutput, TrainState, register
+from sae.kernels import DecodeImpl, decode_topk
 from sae.losses import auxk_loss, reconstruction_loss
 
 
@@ -32,6 +33,8 @@ class TopKSAE(SAE):
     config_class = TopKConfig
     unit_norm_decoder = True
     cfg: TopKConfig
+    decode_impl: DecodeImpl = "auto"
+    """Training decoder: `auto` picks the sparse kernel when k ≪ d_sae (sae/kernels.py); benchmarks force one."""
 
     def encode(self, x: Tensor) -> Tensor:
         return self.activation(self.pre_acts(x))
@@ -43,8 +46,12 @@ class TopKSAE(SAE):
 
     def loss(self, x: Tensor, state: TrainState) -> SAEOutput:
         pre = self.pre_acts(x)
-        f = self.activation(pre)
-        x_hat = self.decode(f)
+        vals, idx = pre.topk(min(self.cfg.k, self.d_sae), dim=-1, sorted=False)
+        vals = torch.relu(vals)
+        # x̂ from the k active rows only (SPEC 2.4 sparse decoder); same numbers as decode(activation(pre)).
+        x_hat = decode_topk(vals, idx, self.W_dec, self.b_dec, self.decode_impl)
+        # The dense code is for the trainer's L0 / dead-latent bookkeeping only, so it carries no graph.
+        f = torch.zeros_like(pre).scatter_(-1, idx, vals.detach())
         rec = reconstruction_loss(x, x_hat)
         k_aux = self.cfg.k_aux or max(1, self.d_in // 2)
         aux = auxk_loss(x - x_hat, pre, self.W_dec, state.dead_mask, k_aux)
