@@ -181,3 +181,8 @@ def load_training_state(directory: str) -> TrainingCheckpoint | None:
         except (OSError, ValueError, KeyError, TypeError, SafetensorError):
             continue
     return None
+
+
+def clear_training_state(directory: str) -> None:
+    """Remove a group's training-state checkpoints once its SAEs are safely registered."""
+    shutil.rmtree(directory, ignore_errors=True)

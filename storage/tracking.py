@@ -140,5 +140,51 @@ def pull(ref: str, dst: str, tracking_uri: str) -> str:
         raise ValueError(f"cannot pull {ref!r} from {tracking_uri}: {e.message.splitlines()[0]}") from e
 
 
-def scratch_dir() -> tempfile.TemporaryDirectory:
-    return tempfile.TemporaryDirectory(prefix="saeflow-")
+def open_sae_runs(
+    tr: Tracker, site: str, specs: list, parent_run_id: str, params: dict[str, Any],
+    ckpt,
+) -> list[str]:
+    """One nested MLflow run per SAE. A resumed group continues the runs its checkpoint names, moved under the
+    current parent run; if those are gone it starts new ones and replays the checkpoint's metric history."""
+    if ckpt is not None:
+        runs = ckpt.extra.get("runs", [])
+        try:
+            alive = len(runs) == len(specs) and all(
+                tr.client.get_run(r).info.lifecycle_stage == "active" for r in runs)
+        except MlflowException:
+            alive = False
+        if alive:
+            for run_id in runs:
+                tr.client.update_run(run_id, status="RUNNING")
+                tr.set_tags(run_id, {"mlflow.parentRunId": parent_run_id, "resumed_at_tokens": ckpt.tokens_seen})
+            return runs
+    runs = []
+    for spec in specs:
+        tags = {"site": site, "architecture": spec.architecture}
+        run_id = tr.start_run(f"{site}/{spec.label()}", parent_run_id, tags)
+        tr.log_params(run_id, {"sae": spec.model_dump(), **params})
+        runs.append(run_id)
+    for run_id, hist in zip(runs, ckpt.extra["history"] if ckpt else []):
+        for m in hist:
+            tr.log_metrics(run_id, {k: v for k, v in m.items() if k != "tokens"}, step=m["tokens"], prefix="train/")
+    return runs
+
+
+def publish_sae(
+    tr: Tracker, run_id: str, sae, metadata: dict[str, Any], name: str, tags: dict[str, Any],
+    alias: str | None, curves=None, description: str = "",
+) -> str:
+    """Log the SAE checkpoint (and its training-curves figure) on its run, register it as a new version of `name`,
+    point `alias` at it, and tag the run with the version. Returns the version."""
+    from storage.checkpoints import save_sae
+
+    with tempfile.TemporaryDirectory() as tmp:
+        save_sae(sae, os.path.join(tmp, "sae"), metadata)
+        tr.log_artifacts(run_id, os.path.join(tmp, "sae"), "sae")
+    if curves is not None:
+        tr.client.log_figure(run_id, curves, "plots/training_curves.png")
+    version = tr.register(name, run_id, "sae", tags, description=description)
+    if alias:
+        tr.set_alias(name, alias, version)
+    tr.set_tags(run_id, {"registered_model": name, "registered_version": version})
+    return version

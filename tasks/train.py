@@ -2,12 +2,9 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from typing import Any
 
 import torch
-from mlflow.exceptions import MlflowException
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
@@ -23,8 +20,8 @@ from sae.training import (
 )
 from saeflow.config import PipelineConfig
 from storage.activations import ActivationStoreRef, iter_training_batches, sample_rows, training_buffer_bytes
-from storage.checkpoints import TrainingCheckpoint, load_training_state, save_sae, save_training_state
-from storage.tracking import Tracker, registered_model_name
+from storage.checkpoints import clear_training_state, load_training_state, save_training_state
+from storage.tracking import open_sae_runs, publish_sae, registered_model_name
 from storage.zarr_io import config_hash
 from tasks.common import TrainedSAE, model_identity, run_logger, tracker
 
@@ -39,36 +36,6 @@ def checkpoint_location(
     train = cfg.train.model_dump(exclude={"log_every", "checkpoint_every_tokens"})  # neither changes the weights
     identity = json.loads(json.dumps({"key": key, "train": train, "total_tokens": total, "scale": scale}, default=str))
     return os.path.join(cfg.root, "checkpoints", key), identity
-
-
-def open_runs(
-    tr: Tracker, site: str, specs: list[SAEConfig], parent_run_id: str, params: dict[str, Any],
-    ckpt: TrainingCheckpoint | None,
-) -> list[str]:
-    """One nested MLflow run per SAE. A resumed group continues the runs its checkpoint names, moved under the
-    current parent run; if those are gone it starts new ones and replays the checkpoint's metric history."""
-    if ckpt is not None:
-        runs = ckpt.extra.get("runs", [])
-        try:
-            alive = len(runs) == len(specs) and all(
-                tr.client.get_run(r).info.lifecycle_stage == "active" for r in runs)
-        except MlflowException:
-            alive = False
-        if alive:
-            for run_id in runs:
-                tr.client.update_run(run_id, status="RUNNING")
-                tr.set_tags(run_id, {"mlflow.parentRunId": parent_run_id, "resumed_at_tokens": ckpt.tokens_seen})
-            return runs
-    runs = []
-    for spec in specs:
-        tags = {"site": site, "architecture": spec.architecture}
-        run_id = tr.start_run(f"{site}/{spec.label()}", parent_run_id, tags)
-        tr.log_params(run_id, {"sae": spec.model_dump(), **params})
-        runs.append(run_id)
-    for run_id, hist in zip(runs, ckpt.extra["history"] if ckpt else []):
-        for m in hist:
-            tr.log_metrics(run_id, {k: v for k, v in m.items() if k != "tokens"}, step=m["tokens"], prefix="train/")
-    return runs
 
 
 @task(name="train", cache_policy=NO_CACHE)
@@ -105,7 +72,7 @@ def train_site_saes(
     saes = [build_sae(spec, acts.d_model) for spec in specs]
     for s in saes:
         s.input_scale.fill_(scale)
-    runs = open_runs(tr, site, specs, parent_run_id, {"train": t.model_dump(), "site": site, "total_tokens": total},
+    runs = open_sae_runs(tr, site, specs, parent_run_id, {"train": t.model_dump(), "site": site, "total_tokens": total},
                      ckpt)
     history: list[list[dict[str, float]]] = ckpt.extra["history"] if ckpt else [[] for _ in specs]
 
@@ -139,25 +106,18 @@ def train_site_saes(
         for run_id in runs:
             tr.end_run(run_id, "FAILED")
         raise
-    out = []
     data_hash = acts.manifest(site)["content_hash"]
+    meta = {"site": site, "model": model_identity(cfg), "normalize": stats["normalize"], "input_scale": scale,
+            "activation_store": acts.url, "data_hash": data_hash}
+    out = []
     for sae, spec, run_id, hist in zip(saes, specs, runs, history):
-        meta = {"site": site, "model": model_identity(cfg), "normalize": stats["normalize"], "input_scale": scale,
-                "activation_store": acts.url, "data_hash": data_hash}
         name = registered_model_name(cfg.tracking.registered_model_prefix, cfg.model.name, site, spec.architecture)
-        with tempfile.TemporaryDirectory() as tmp:
-            save_sae(sae.cpu(), os.path.join(tmp, "sae"), meta)
-            tr.log_artifacts(run_id, os.path.join(tmp, "sae"), "sae")
-        if hist:
-            fig = training_curves(hist, f"{site} · {spec.label()}")
-            tr.client.log_figure(run_id, fig, "plots/training_curves.png")
         tags = {"site": site, "architecture": spec.architecture, "label": spec.label(), "data_hash": data_hash,
                 "config_hash": config_hash(spec.model_dump()), "model": cfg.model.name}
-        version = tr.register(name, run_id, "sae", tags, description=f"{spec.label()} SAE at {site} of {cfg.model.name}")
-        if cfg.tracking.alias:
-            tr.set_alias(name, cfg.tracking.alias, version)
-        tr.set_tags(run_id, {"registered_model": name, "registered_version": version})
+        curves = training_curves(hist, f"{site} · {spec.label()}") if hist else None
+        version = publish_sae(tr, run_id, sae.cpu(), meta, name, tags, cfg.tracking.alias, curves,
+                              description=f"{spec.label()} SAE at {site} of {cfg.model.name}")
         log.info(f"train {site}: registered {name} version {version}")
         out.append(TrainedSAE(site, spec.label(), spec.architecture, run_id, name, version))
-    shutil.rmtree(ckpt_dir, ignore_errors=True)  # finished and registered: nothing left to resume
+    clear_training_state(ckpt_dir)  # finished and registered: nothing left to resume
     return out
