@@ -13,13 +13,8 @@ the best cosine with a decoder row), the fraction of true features recovered at 
 from __future__ import annotations
 
 import argparse
-import time
-
-import torch
-
-from sae import ARCHITECTURES, build_sae, config_from_dict
-from sae.synthetic import SyntheticActivations, SyntheticConfig, recovery_metrics
-from sae.training import TrainingConfig, train_saes
+from sae import ARCHITECTURES
+from sae.synthetic import SyntheticActivations, SyntheticConfig, train_synthetic
 
 # Sparsity settings that land near the true L0 (~5) of the default instance; lr tuned for a few thousand steps.
 DEFAULT_SPECS = {
@@ -38,18 +33,6 @@ def default_specs(d_sae: int, only: list[str] | None = None) -> list[dict]:
     return [{"architecture": a, "d_sae": d_sae, **DEFAULT_SPECS.get(a, {})} for a in names]
 
 
-def run(truth: SyntheticActivations, specs: list[dict], steps: int, batch_size: int, seed: int = 0):
-    """Train every spec on one shared synthetic stream; return [(spec, metrics)] and the wall time."""
-    torch.manual_seed(seed)
-    saes = [build_sae(config_from_dict(s), truth.cfg.d) for s in specs]
-    cfg = TrainingConfig(batch_size=batch_size, log_every=10_000, seed=seed, dead_tokens=batch_size * 50)
-    t0 = time.perf_counter()
-    train_saes(saes, truth.batches(batch_size, steps, seed=seed + 1), cfg, steps * batch_size,
-               b_dec_sample=truth.sample(4096, torch.Generator().manual_seed(seed + 2)), progress=False)
-    wall = time.perf_counter() - t0
-    return [(s, recovery_metrics(m, truth)) for s, m in zip(specs, saes)], wall
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--d", type=int, default=64)
@@ -62,7 +45,7 @@ def main() -> None:
     a = p.parse_args()
     truth = SyntheticActivations(SyntheticConfig(d=a.d, n_features=a.features, seed=a.seed))
     specs = default_specs(int(a.expansion * a.features), a.arch)
-    rows, wall = run(truth, specs, a.steps, a.batch_size, a.seed)
+    rows, wall = train_synthetic(truth, specs, a.steps, a.batch_size, a.seed)
     true_l0 = rows[0][1]["true_l0"]
     print(f"synthetic: d={a.d}, {a.features} true features, true L0 {true_l0:.2f}, d_sae={specs[0]['d_sae']}, "
           f"{a.steps} steps × {a.batch_size} rows, {wall:.0f} s for all {len(specs)} SAEs on one stream")

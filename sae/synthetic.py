@@ -103,3 +103,19 @@ def recovery_metrics(sae: SAE, truth: SyntheticActivations, n_eval: int = 8192, 
         "true_l0": float((truth.sample_codes(n_eval, torch.Generator().manual_seed(7)) > 0).sum(1).float().mean()),
     }
 
+
+def train_synthetic(truth: SyntheticActivations, specs: list[dict], steps: int, batch_size: int, seed: int = 0):
+    """Train every spec on one shared synthetic stream; return ([(spec, recovery metrics)], wall seconds)."""
+    import time
+
+    from sae.base import build_sae, config_from_dict
+    from sae.training import TrainingConfig, train_saes
+
+    torch.manual_seed(seed)
+    saes = [build_sae(config_from_dict(s), truth.cfg.d) for s in specs]
+    cfg = TrainingConfig(batch_size=batch_size, log_every=10_000, seed=seed, dead_tokens=batch_size * 50)
+    t0 = time.perf_counter()
+    train_saes(saes, truth.batches(batch_size, steps, seed=seed + 1), cfg, steps * batch_size,
+               b_dec_sample=truth.sample(4096, torch.Generator().manual_seed(seed + 2)), progress=False)
+    wall = time.perf_counter() - t0
+    return [(s, recovery_metrics(m, truth)) for s, m in zip(specs, saes)], wall
