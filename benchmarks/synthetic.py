@@ -18,8 +18,8 @@ from sae.synthetic import SyntheticActivations, SyntheticConfig, train_synthetic
 
 # Sparsity settings that land near the true L0 (~5) of the default instance; lr tuned for a few thousand steps.
 DEFAULT_SPECS = {
-    "relu": {"l1_coefficient": 0.3, "lr": 3e-3},
-    "gated": {"l1_coefficient": 0.3, "lr": 3e-3},
+    "relu": {"l1_coefficient": 1.0, "lr": 3e-3},
+    "gated": {"l1_coefficient": 1.0, "lr": 3e-3},
     "jumprelu": {"l0_coefficient": 0.3, "lr": 3e-3},
     "topk": {"k": 5, "lr": 3e-3},
     "batchtopk": {"k": 5, "lr": 3e-3},
