@@ -43,7 +43,7 @@ def test_recovers_90_percent_of_true_features(results, arch):
 
 @pytest.mark.xfail(strict=True, reason=(
     "top-AFA as specified (SPEC 2.6) lands at high L0 on superposition data: on this instance it reaches "
-    "FVU ≈ 0.01 with L0 ≈ 3-10× the true L0 and recovers few features at cos > 0.9 (see the note in the README)"))
+    "FVU ≈ 0.01 with L0 ≈ 3-10× the true L0 and recovers few features at cos > 0.9 (see benchmarks/README.md)"))
 def test_topafa_recovers_90_percent_of_true_features(results):
     assert results["topafa"]["recovered"] >= 0.9, results["topafa"]
 
