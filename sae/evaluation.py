@@ -1,50 +1,109 @@
-"""Evaluate SAEs at one site of a model on held-out token windows: reconstruction and downstream CE (SPEC 5)."""
+"""Evaluate SAEs at one site of a model on held-out token windows: reconstruction, downstream CE or pooled cosine
+(SPEC 5), and seed 2's AFA measures (SPEC 5.1).
+
+Passes over the eval windows: (1) only when mean ablation needs it and no mean is given, the forward pass up to the
+site, to take the eval-set mean; (2) the full model, clean, with the site zero-/mean-ablated and spliced with each
+SAE's reconstruction.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from sae.afa import AFAAccumulator, decoder_geometry
 from sae.base import SAE
-from sae.metrics import ReconstructionMetrics, ce_loss_recovered, kl_sum, next_token_ce_sum
+from sae.metrics import (
+    ReconstructionMetrics,
+    ce_loss_recovered,
+    cosine_recovered,
+    kl_sum,
+    next_token_ce_sum,
+    pooled_cosine_sum,
+)
 from sae.sites import capture_sites, run_to_sites, splice_site
 
 POSITIONS_NOTE = (
-    "CE/KL over every next-token prediction of each eval window; the site is spliced at positions 1..T-1, "
-    "position 0 (BOS) is never spliced; reconstruction metrics use positions 1..T-1, outlier rows excluded"
+    "CE/KL over every next-token prediction of each eval window (encoder models: cosine of the final hidden state "
+    "mean-pooled over all positions); the site is spliced at positions 1..T-1, position 0 (BOS) is never spliced; "
+    "reconstruction and AFA metrics use positions 1..T-1, outlier rows excluded; mean ablation uses the eval-set mean "
+    "of positions 1..T-1"
 )
 
 
+class SAEEvaluation(NamedTuple):
+    """Everything evaluation measures for one SAE."""
+
+    metrics: dict[str, float]
+    """Scalar metrics (SPEC 5, 5.1), reconstruction ones in the SAE's normalized units unless named `_raw`."""
+    firing_frequency: Tensor
+    """pᵢ of every latent over the eval rows, float64 [d_sae]."""
+    l0_histogram: Tensor
+    """Rows with exactly k active latents, k = 0..d_sae."""
+    afa: AFAAccumulator | None
+    """‖z‖/‖f̃‖ points and ε_LBO values, when AFA was asked for."""
+
+
 @torch.inference_mode()
-def evaluate_site(
+def eval_set_mean(model: nn.Module, token_batches: Iterable[Tensor], site: str) -> Tensor:
+    """Mean raw activation of `site` over positions 1..T-1 of every eval window (SPEC 5's mean ablation), float32."""
+    device = next(model.parameters()).device
+    total, n = None, 0
+    for ids in token_batches:
+        x = run_to_sites(model, ids.to(device), [site])[site][:, 1:]
+        s = x.double().sum((0, 1))
+        total = s if total is None else total + s
+        n += x.shape[0] * x.shape[1]
+    return (total / max(n, 1)).float()
+
+
+def _hidden_states(out) -> Tensor:
+    """Final hidden states [B, T, d] of an encoder model's output."""
+    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+
+@torch.inference_mode()
+def evaluate_saes(
     model: nn.Module,
     token_batches: Iterable[Tensor],
     site: str,
     saes: dict[str, SAE],
     has_lm_head: bool,
+    downstream: bool = True,
     mean_activation: Tensor | None = None,
     outlier_norm: float | None = None,
+    afa: bool = True,
+    afa_points: int = 20_000,
     progress: bool = True,
-) -> dict[str, dict[str, float]]:
-    """Return {sae label: metrics}. Reconstruction metrics are in each SAE's normalized units.
+) -> dict[str, SAEEvaluation]:
+    """Return {sae label: SAEEvaluation}.
 
-    `mean_activation` (raw units) enables mean ablation; `outlier_norm` drops rows with a larger raw norm from the
-    reconstruction metrics (SPEC 4.2) while CE still splices every position.
+    downstream: splice the SAEs into the model: next-token CE, KL and CE recovered against zero and mean ablation
+    for LMs; cosine of the mean-pooled final hidden state and its recovered ratio against zero ablation for encoder
+    models. `mean_activation` (raw units) overrides the eval-set mean used for mean ablation. `outlier_norm` drops
+    rows with a larger raw norm from the reconstruction and AFA metrics (SPEC 4.2) while splicing covers every
+    position.
     """
     device = next(model.parameters()).device
-    rec = {k: ReconstructionMetrics(s.d_sae) for k, s in saes.items()}
-    ce = {"clean": 0.0, "zero": 0.0, "mean": 0.0, **{k: 0.0 for k in saes}}
+    batches = list(token_batches)
+    if downstream and has_lm_head and mean_activation is None:
+        mean_activation = eval_set_mean(model, batches, site)
+    rec = {k: ReconstructionMetrics(s.d_sae, float(s.input_scale)) for k, s in saes.items()}
+    afas = {k: AFAAccumulator(s, afa_points) for k, s in saes.items()} if afa else {}
+    down = {"clean": 0.0, "zero": 0.0, "mean": 0.0, **{k: 0.0 for k in saes}}
     kl = {k: 0.0 for k in saes}
-    n_pred = 0
+    n_down = 0  # predicted tokens (LMs) or pooled windows (encoders)
     excluded = 0
-    for ids in tqdm(list(token_batches), desc=f"eval {site}", disable=not progress):
+    for ids in tqdm(batches, desc=f"eval {site}", disable=not progress):
         ids = ids.to(device)
-        if has_lm_head:
+        if downstream:
             with capture_sites(model, [site], stop_early=False) as cap:
-                logits = model(input_ids=ids).logits
+                out = model(input_ids=ids)
+            clean = out.logits if has_lm_head else _hidden_states(out)
         else:
             cap = run_to_sites(model, ids, [site])
         x_raw = cap[site][:, 1:].reshape(-1, cap[site].shape[-1]).float()
@@ -56,39 +115,70 @@ def evaluate_site(
             x = x_raw[keep] * s.input_scale
             f = s.encode(x)
             rec[k].update(x, s.decode(f), f, s.b_dec)
-        if not has_lm_head:
+            if afa:
+                afas[k].update(x_raw[keep], f)
+        if not downstream:
             continue
-        s_, n = next_token_ce_sum(logits, ids)
-        ce["clean"] += s_
-        n_pred += n
         ablations = {"zero": lambda h: torch.zeros_like(h)}
-        if mean_activation is not None:
+        if has_lm_head and mean_activation is not None:
             mean = mean_activation.to(device)
             ablations["mean"] = lambda h: mean.expand_as(h)
-        for name, fn in ablations.items():
+        spliced_fns = {**ablations, **{k: (lambda h, s=s: s.reconstruct_raw(h.float())) for k, s in saes.items()}}
+        if has_lm_head:
+            s_, n = next_token_ce_sum(clean, ids)
+            down["clean"] += s_
+            n_down += n
+        else:
+            n_down += ids.shape[0]
+        for name, fn in spliced_fns.items():
             with splice_site(model, site, fn):
-                ce[name] += next_token_ce_sum(model(input_ids=ids).logits, ids)[0]
-        for k, s in saes.items():
-            with splice_site(model, site, lambda h, s=s: s.reconstruct_raw(h.float())):
-                spliced = model(input_ids=ids).logits
-            ce[k] += next_token_ce_sum(spliced, ids)[0]
-            kl[k] += kl_sum(logits, spliced)
-    results: dict[str, dict[str, float]] = {}
-    for k in saes:
+                out = model(input_ids=ids)
+            if has_lm_head:
+                down[name] += next_token_ce_sum(out.logits, ids)[0]
+                if name in saes:
+                    kl[name] += kl_sum(clean, out.logits)
+            else:
+                down[name] += pooled_cosine_sum(clean, _hidden_states(out))
+    results: dict[str, SAEEvaluation] = {}
+    for k, s in saes.items():
         m = rec[k].result()
         m["outlier_rows_excluded"] = float(excluded)
-        if has_lm_head and n_pred:
-            clean, spliced, zero = ce["clean"] / n_pred, ce[k] / n_pred, ce["zero"] / n_pred
+        if downstream and n_down and has_lm_head:
+            clean_ce, spliced, zero = down["clean"] / n_down, down[k] / n_down, down["zero"] / n_down
             m.update(
-                ce_loss_clean=clean,
+                ce_loss_clean=clean_ce,
                 ce_loss_spliced=spliced,
                 ce_loss_zero_ablation=zero,
-                ce_loss_recovered=ce_loss_recovered(clean, spliced, zero),
-                delta_ce=spliced - clean,
-                kl_div=kl[k] / n_pred,
+                ce_loss_recovered=ce_loss_recovered(clean_ce, spliced, zero),
+                delta_ce=spliced - clean_ce,
+                kl_div=kl[k] / n_down,
             )
             if mean_activation is not None:
-                mean_ce = ce["mean"] / n_pred
-                m.update(ce_loss_mean_ablation=mean_ce, ce_loss_recovered_mean=ce_loss_recovered(clean, spliced, mean_ce))
-        results[k] = m
+                mean_ce = down["mean"] / n_down
+                m.update(ce_loss_mean_ablation=mean_ce,
+                         ce_loss_recovered_mean=ce_loss_recovered(clean_ce, spliced, mean_ce))
+        elif downstream and n_down:
+            cos_sae, cos_zero = down[k] / n_down, down["zero"] / n_down
+            m.update(pooled_cos_spliced=cos_sae, pooled_cos_zero_ablation=cos_zero,
+                     pooled_cos_recovered=cosine_recovered(cos_sae, cos_zero))
+        if afa:
+            m.update(afas[k].result())
+            m.update(decoder_geometry(s.W_dec))
+        results[k] = SAEEvaluation(m, rec[k].firing_frequency(), rec[k].l0_hist.clone(), afas.get(k))
     return results
+
+
+def evaluate_site(
+    model: nn.Module,
+    token_batches: Iterable[Tensor],
+    site: str,
+    saes: dict[str, SAE],
+    has_lm_head: bool,
+    mean_activation: Tensor | None = None,
+    outlier_norm: float | None = None,
+    progress: bool = True,
+) -> dict[str, dict[str, float]]:
+    """Scalar metrics only, {sae label: metrics}: `evaluate_saes` with CE (LMs only) and without AFA."""
+    out = evaluate_saes(model, token_batches, site, saes, has_lm_head, downstream=has_lm_head,
+                        mean_activation=mean_activation, outlier_norm=outlier_norm, afa=False, progress=progress)
+    return {k: v.metrics for k, v in out.items()}

@@ -45,8 +45,10 @@ class TopContexts:
     @torch.no_grad()
     def update(self, f: Tensor, window_ids: Tensor, positions: Tensor) -> None:
         """f: [rows, d_sae] codes; window_ids/positions: [rows] where each row came from."""
+        self.rows += f.shape[0]
+        if len(self.ids) == 0:
+            return
         a = f[:, self.ids.to(f.device)].float().cpu().T  # [latents, rows]
-        self.rows += a.shape[1]
         self.fired += (a > 0).sum(1)
         self.hist += torch.stack([torch.bincount(torch.bucketize(r[r > 0], HIST_EDGES), minlength=len(HIST_EDGES) + 1)
                                   for r in a])
@@ -59,20 +61,40 @@ class TopContexts:
 
 
 @torch.inference_mode()
+def collect_top_contexts_many(
+    model: nn.Module,
+    windows: Iterable[tuple[int, Tensor]],
+    site: str,
+    picks: dict[str, tuple[SAE, list[int]]],
+    top_m: int = 12,
+) -> dict[str, TopContexts]:
+    """One streaming pass for several SAEs of a site: {label: (sae, latent ids)} → {label: TopContexts}.
+
+    `windows` yields (first window index, ids [B, T]); the model runs only as deep as the site.
+    """
+    device = next(model.parameters()).device
+    accs = {k: TopContexts(ids, top_m) for k, (_, ids) in picks.items()}
+    for start, ids in windows:
+        x = run_to_sites(model, ids.to(device), [site])[site][:, 1:]  # position 0 (BOS) never counted
+        b, t, d = x.shape
+        win = (torch.arange(b) + start).repeat_interleave(t)
+        pos = torch.arange(1, t + 1).repeat(b)
+        for k, (sae, _) in picks.items():
+            accs[k].update(sae.encode_raw(x.reshape(-1, d).float()), win, pos)
+    return accs
+
+
 def collect_top_contexts(
     model: nn.Module, windows: Iterable[tuple[int, Tensor]], site: str, sae: SAE, latent_ids: list[int], top_m: int = 12
 ) -> TopContexts:
     """Stream (first window index, ids [B, T]) batches through the model (stopping at the site) and the SAE."""
-    device = next(model.parameters()).device
-    acc = TopContexts(latent_ids, top_m)
-    for start, ids in windows:
-        x = run_to_sites(model, ids.to(device), [site])[site][:, 1:]  # position 0 (BOS) never counted
-        b, t, d = x.shape
-        f = sae.encode_raw(x.reshape(-1, d).float())
-        win = (torch.arange(b) + start).repeat_interleave(t)
-        pos = torch.arange(1, t + 1).repeat(b)
-        acc.update(f, win, pos)
-    return acc
+    return collect_top_contexts_many(model, windows, site, {"sae": (sae, latent_ids)}, top_m)["sae"]
+
+
+def windows_needed(acc: TopContexts) -> list[int]:
+    """Window indices the report will show: read just these, not the whole eval split."""
+    return sorted({int(w) for w, v in zip(acc.where[..., 0].flatten().tolist(), acc.values.flatten().tolist())
+                   if w >= 0 and v > 0})
 
 
 def _svg_hist(counts: Tensor) -> str:
@@ -84,9 +106,12 @@ def _svg_hist(counts: Tensor) -> str:
     return f'<svg width="{6 * len(counts)}" height="40" role="img" aria-label="activation histogram">{bars}</svg>'
 
 
-def render_html(acc: TopContexts, token_windows: Tensor, tokenizer, title: str, left: int = 12, right: int = 4) -> str:
+def render_html(acc: TopContexts, token_windows, tokenizer, title: str, left: int = 12, right: int = 4) -> str:
     """Self-contained page: per latent its id, firing frequency, activation histogram (log bins 1e-3..1e3) and top
-    contexts with the activating token highlighted."""
+    contexts with the activating token highlighted.
+
+    token_windows: indexable by window index (a [N, T] tensor, or a dict of the `windows_needed` rows).
+    """
     parts = [
         f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>"
         "body{font-family:system-ui,sans-serif;margin:24px;max-width:1100px}"

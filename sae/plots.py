@@ -1,4 +1,4 @@
-"""Figures people look at: training curves (matplotlib, Agg backend, no display needed)."""
+"""Figures people look at: training curves, feature density, ZF plot, decoder cosines (matplotlib, Agg backend)."""
 
 from __future__ import annotations
 
@@ -66,19 +66,51 @@ def zf_plot(z_norms, f_norms, title: str, eps_times_h: tuple[float, ...] = (0.25
     return fig
 
 
+def decoder_cosine_histogram(cosines, title: str):
+    """Histogram of |cos| between pairs of decoder rows (SPEC 5 decoder geometry), log-count axis."""
+    import numpy as np
+
+    cos = np.asarray(cosines, dtype=float)
+    fig, ax = plt.subplots(figsize=(5.5, 3.4))
+    ax.hist(cos, bins=60, range=(0.0, max(float(cos.max(initial=0)), 1e-3)), color="tab:green", alpha=0.85)
+    ax.set_yscale("log")
+    ax.set_xlabel("|cos| between decoder rows")
+    ax.set_ylabel("pairs")
+    ax.set_title(f"{title}\n{len(cos):,} pairs, max {cos.max(initial=0):.3f}, mean {cos.mean() if len(cos) else 0:.3f}",
+                 fontsize=9)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+_FRONTIER_LABELS = {"l0": "L0 (active latents per token)", "fvu": "FVU (fraction of variance unexplained)",
+                    "ce_loss_recovered": "CE loss recovered (zero ablation)"}
+
+
 def frontier(rows: list[dict], x: str, y: str, title: str):
-    """One panel per site, one line per architecture: `y` against `x` (e.g. L0 vs FVU), points sorted by x."""
+    """Seed 1's Figure 1: one panel per site, `y` against `x` (log) per architecture. Each architecture's Pareto
+    frontier (`sae.frontier.pareto_frontier`) is its one line; its dominated points are unconnected markers."""
+    from sae.frontier import higher_is_better, pareto_frontier
+
     sites = sorted({r["site"] for r in rows})
+    colors = {a: f"C{i}" for i, a in enumerate(sorted({r["architecture"] for r in rows}))}  # same in every panel
     fig, axes = plt.subplots(1, len(sites), figsize=(5 * len(sites), 3.8), squeeze=False)
     for ax, site in zip(axes[0], sites):
         for arch in sorted({r["architecture"] for r in rows if r["site"] == site}):
-            pts = sorted((r[x], r[y]) for r in rows if r["site"] == site and r["architecture"] == arch
-                         and r.get(x) is not None and r.get(y) is not None)
-            if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", lw=1.4, label=arch)
+            pts = [(r[x], r[y]) for r in rows if r["site"] == site and r["architecture"] == arch
+                   and r.get(x) is not None and r.get(y) is not None]
+            if not pts:
+                continue
+            front = pareto_frontier(pts, higher_is_better(y))
+            color = colors[arch]
+            ax.plot([p[0] for p in front], [p[1] for p in front], marker="o", lw=1.4, color=color, label=arch)
+            rest = [p for p in pts if p not in front]
+            if rest:
+                ax.scatter([p[0] for p in rest], [p[1] for p in rest], s=18, marker="o", facecolors="none",
+                           edgecolors=color)
         ax.set_xscale("log")
-        ax.set_xlabel(x)
-        ax.set_ylabel(y)
+        ax.set_xlabel(_FRONTIER_LABELS.get(x, x))
+        ax.set_ylabel(_FRONTIER_LABELS.get(y, y))
         ax.set_title(site)
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=8)

@@ -5,8 +5,9 @@ Unknown keys and invalid values are rejected with one line naming the key and th
 
 from __future__ import annotations
 
+import itertools
 import os
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -103,7 +104,19 @@ class EvalConfig(Strict):
     batch_size: int = Field(8, ge=1)
     """Windows per forward pass during evaluation."""
     ce_loss: bool = True
-    """Compute downstream CE metrics (models with an LM head only)."""
+    """Splice SAEs into the model: CE/KL for LMs, pooled-embedding cosine for encoder models (SPEC 5)."""
+    afa: bool = True
+    """Seed 2's AFA measures (ε_LBO, ‖f̃‖/‖z‖, ZF plot) and decoder geometry (SPEC 5.1)."""
+    zf_points: int = Field(20_000, ge=1)
+    """Tokens drawn in the ZF plot (the first ones of the eval split); the statistics use every token."""
+    latent_report: bool = True
+    """Write reports/latents.html: top-activating contexts of a sample of latents (one extra pass up to the site)."""
+    n_latents: int = Field(16, ge=0)
+    """Randomly sampled live latents in the report."""
+    n_extreme_latents: int = Field(4, ge=0)
+    """Most frequent and rarest live latents added to the report (this many of each)."""
+    top_contexts: int = Field(12, ge=1)
+    """Top-activating token contexts shown per latent."""
 
 
 class TrackingConfig(Strict):
@@ -127,6 +140,81 @@ def _sae_union():
 SAESpec = _sae_union()
 
 
+def _list_typed(annotation: Any) -> bool:
+    return get_origin(annotation) is list or any(_list_typed(a) for a in get_args(annotation))
+
+
+class SweepConfig(Strict):
+    """A grid of SAEs (`saeflow sweep`): per architecture, values of its hyperparameters to cross; every point is
+    trained on every site and the sweep's frontier report compares the architectures (README, Sweeps)."""
+
+    architectures: dict[str, dict[str, Any] | None]
+    """Architecture name → its hyperparameters. A list of values is swept (several listed fields are crossed), a
+    single value is fixed, an empty entry is one SAE with defaults: `topk: {k: [16, 32, 64]}`, `topafa: {}`."""
+    expansion_factor: int | None = Field(None, ge=1)
+    """Latents per input dimension for every grid point whose entry does not set its own; None = the default."""
+    lr: float | None = Field(None, gt=0)
+    """Learning rate for every grid point whose entry does not set its own; None = each architecture's default."""
+    fvu_levels: list[float] = Field(default_factory=lambda: [0.3, 0.2, 0.1])
+    """FVU levels (≤) at which the report gives each architecture's needed L0."""
+    ce_recovered_levels: list[float] = Field(default_factory=lambda: [0.8, 0.9, 0.95])
+    """CE-loss-recovered levels (≥) at which the report gives each architecture's needed L0."""
+    baseline: str | None = None
+    """Architecture the needed L0s are divided by; None = relu when swept, else the first architecture listed."""
+
+    @model_validator(mode="after")
+    def _check_grid(self):
+        if not self.architectures:
+            raise ValueError("list at least one architecture, e.g. architectures: {topk: {k: [16, 32]}}")
+        unknown = sorted(set(self.architectures) - set(ARCHITECTURES))
+        if unknown:
+            raise ValueError(f"unknown architecture {unknown[0]!r}; choose from {sorted(ARCHITECTURES)}")
+        if self.baseline is not None and self.baseline not in self.architectures:
+            raise ValueError(f"baseline {self.baseline!r} is not one of the swept architectures")
+        self.specs()  # every grid point must be a valid spec
+        return self
+
+    def baseline_architecture(self) -> str:
+        return self.baseline or ("relu" if "relu" in self.architectures else next(iter(self.architectures)))
+
+    def specs(self) -> list[SAESpec]:  # type: ignore[valid-type]
+        """The grid as SAE specs, architecture by architecture in listed order, each with a distinct name."""
+        points: list[tuple[Any, dict[str, Any]]] = []
+        for arch, entry in self.architectures.items():
+            cls = ARCHITECTURES[arch].config_class
+            entry = dict(entry or {})
+            fixed = {k: v for k, v in (("expansion_factor", self.expansion_factor), ("lr", self.lr))
+                     if v is not None and k not in entry and "d_sae" not in entry}
+            swept = {}
+            for key, v in entry.items():
+                field = cls.model_fields.get(key)
+                is_list_field = field is not None and _list_typed(field.annotation)
+                if isinstance(v, list) and (not is_list_field or (v and all(isinstance(x, list) for x in v))):
+                    if not v:
+                        raise ValueError(f"architectures.{arch}.{key}: give at least one value to sweep")
+                    swept[key] = v
+                else:
+                    fixed[key] = v
+            for values in itertools.product(*swept.values()):
+                knobs = dict(zip(swept, values))
+                try:
+                    spec = cls.model_validate({**fixed, **knobs, "architecture": arch})
+                except ValidationError as e:
+                    err = e.errors()[0]
+                    where = ".".join(str(p) for p in err["loc"])
+                    raise ValueError(f"architectures.{arch}.{where}: {err['msg']}") from None
+                points.append((spec, knobs))
+        labels = [spec.label() for spec, _ in points]
+        specs = []
+        for (spec, knobs), label in zip(points, labels):
+            if spec.name is None:  # the default label names the main knob; add the other swept fields that vary
+                group = [kn for (_, kn), lb in zip(points, labels) if lb == label]
+                suffix = "".join(f"-{k}_{v}" for k, v in knobs.items() if len({repr(g[k]) for g in group}) > 1)
+                spec = spec.model_copy(update={"name": label + suffix})
+            specs.append(spec)
+        return specs
+
+
 class PipelineConfig(Strict):
     name: str = "saeflow"
     """Names the MLflow parent run."""
@@ -144,6 +232,18 @@ class PipelineConfig(Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    sweep: SweepConfig | None = None
+    """A grid of SAEs for `saeflow sweep`; when given, `saes` is that grid (listing `saes` as well is an error)."""
+
+    @model_validator(mode="after")
+    def _sweep_grid(self):
+        if self.sweep is not None:
+            grid = self.sweep.specs()
+            if "saes" in self.model_fields_set and [s.model_dump() for s in self.saes] != [
+                    s.model_dump() for s in grid]:
+                raise ValueError("give either `saes` or `sweep`, not both: a sweep's SAEs are its grid")
+            self.saes = grid
+        return self
 
     @model_validator(mode="after")
     def _unique_labels(self):

@@ -1,18 +1,95 @@
+"""Evaluation tasks: the pipeline's per-site evaluation of freshly trained SAEs, and `saeflow evaluate`'s evaluation
+of any SAE; both log the same metrics, artifacts, plots and latent report (SPEC 5, 5.1)."""
+
 from __future__ import annotations
 
 import os
 import tempfile
 from typing import Any
 
-import torch
+import numpy as np
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from sae.evaluation import POSITIONS_NOTE, evaluate_site
-from saeflow.config import PipelineConfig
+from sae.afa import decoder_cosines
+from sae.base import SAE
+from sae.evaluation import POSITIONS_NOTE, SAEEvaluation, evaluate_saes
+from sae.latents import TopContexts, choose_latents, collect_top_contexts_many, render_html, windows_needed
+from sae.models import LoadedModel
+from saeflow.config import EvalConfig, PipelineConfig
 from storage.checkpoints import load_sae
-from storage.tokens import TokenStoreRef, iter_window_batches
+from storage.tokens import TokenStoreRef, iter_window_batches, read_windows
+from storage.tracking import Tracker
 from tasks.common import TrainedSAE, loaded_model, run_logger, tracker
+from tasks.sae_reference import SAEReference, load_reference
+
+SUMMARY_KEYS = ("fvu", "l0", "cosine_sim", "ce_loss_recovered", "kl_div", "pooled_cos_recovered", "afa_eps_lbo_median")
+
+
+def run_evaluation(
+    lm: LoadedModel, tokens: TokenStoreRef, site: str, saes: dict[str, SAE], ecfg: EvalConfig,
+    outlier_norm: float | None = None,
+) -> dict[str, SAEEvaluation]:
+    batches = [ids for _, ids in iter_window_batches(tokens, "eval", ecfg.batch_size)]
+    return evaluate_saes(lm.model, batches, site, saes, lm.has_lm_head, downstream=ecfg.ce_loss,
+                         outlier_norm=outlier_norm, afa=ecfg.afa, afa_points=ecfg.zf_points, progress=False)
+
+
+def latent_reports(
+    lm: LoadedModel, tokens: TokenStoreRef, site: str, saes: dict[str, SAE], evals: dict[str, SAEEvaluation],
+    ecfg: EvalConfig,
+) -> dict[str, str]:
+    """{label: HTML}: one streaming pass up to the site for all SAEs; memory O(latents × top contexts)."""
+    picks = {k: (s, choose_latents(evals[k].firing_frequency, ecfg.n_latents, ecfg.n_extreme_latents))
+             for k, s in saes.items()}
+    accs = collect_top_contexts_many(lm.model, iter_window_batches(tokens, "eval", ecfg.batch_size), site, picks,
+                                     ecfg.top_contexts)
+    out = {}
+    for k, acc in accs.items():
+        out[k] = render_html(acc, _windows(tokens, acc), lm.tokenizer, f"{site} · {k}: top-activating contexts")
+    return out
+
+
+def _windows(tokens: TokenStoreRef, acc: TopContexts) -> dict[int, np.ndarray]:
+    return {w: read_windows(tokens, "eval", w, w + 1)[0] for w in windows_needed(acc)}
+
+
+def log_evaluation(
+    tr: Tracker, run_id: str, site: str, label: str, sae: SAE, ev: SAEEvaluation, tokens: TokenStoreRef,
+    report: str | None = None, extra: dict[str, Any] | None = None,
+) -> None:
+    """Metrics (`eval/...`), eval/metrics.json, eval/firing_frequency.npy, plots/*.png and reports/latents.html."""
+    import matplotlib.pyplot as plt
+
+    from sae.plots import decoder_cosine_histogram, feature_density, zf_plot
+
+    m = ev.metrics
+    tr.log_metrics(run_id, m, prefix="eval/")
+    hist = ev.l0_histogram.tolist()
+    while len(hist) > 1 and hist[-1] == 0:
+        hist.pop()
+    tr.log_dict(run_id, {"site": site, "metrics": m, "positions": POSITIONS_NOTE, "eval_windows": tokens.n_eval,
+                         "context_size": tokens.context_size, "l0_histogram": [int(c) for c in hist],
+                         **(extra or {})}, "eval/metrics.json")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "firing_frequency.npy")
+        np.save(path, ev.firing_frequency.numpy())
+        tr.log_artifact(run_id, path, "eval")
+    title = f"{site} · {label}"
+    figs = {"plots/feature_density.png": feature_density(ev.firing_frequency.numpy(), title),
+            "plots/decoder_cosines.png": decoder_cosine_histogram(decoder_cosines(sae.W_dec).numpy(), title)}
+    if ev.afa is not None:
+        z, f = ev.afa.points()
+        figs["plots/zf.png"] = zf_plot(z.numpy(), f.numpy(), title)
+    for name, fig in figs.items():
+        tr.client.log_figure(run_id, fig, name)
+        plt.close(fig)
+    if report is not None:
+        tr.client.log_text(run_id, report, "reports/latents.html")
+
+
+def _summary(m: dict[str, float]) -> str:
+    return ", ".join(f"{k} {m[k]:.4g}" for k in SUMMARY_KEYS if k in m)
 
 
 @task(name="evaluate", cache_policy=NO_CACHE)
@@ -28,18 +105,41 @@ def evaluate_site_saes(
         for t in trained:
             os.makedirs(f"{tmp}/{t.label}")
             saes[t.label] = load_sae(tr.download(t.run_id, "sae", f"{tmp}/{t.label}"), lm.device)
-    batches = [ids for _, ids in iter_window_batches(tokens, "eval", cfg.eval.batch_size)]
-    threshold = stats.get("outlier_norm_threshold")
-    results = evaluate_site(
-        lm.model, batches, site, saes, lm.has_lm_head and cfg.eval.ce_loss,
-        mean_activation=torch.tensor(stats["mean"], dtype=torch.float32), outlier_norm=threshold,
-    )
+    evals = run_evaluation(lm, tokens, site, saes, cfg.eval, stats.get("outlier_norm_threshold"))
+    reports = latent_reports(lm, tokens, site, saes, evals, cfg.eval) if cfg.eval.latent_report else {}
     for t in trained:
-        m = results[t.label]
-        tr.log_metrics(t.run_id, m, prefix="eval/")
-        tr.log_dict(t.run_id, {"site": site, "metrics": m, "positions": POSITIONS_NOTE,
-                               "eval_windows": tokens.n_eval, "context_size": tokens.context_size}, "eval/metrics.json")
+        ev = evals[t.label]
+        log_evaluation(tr, t.run_id, site, t.label, saes[t.label], ev, tokens, reports.get(t.label))
         tr.end_run(t.run_id)
-        summary = ", ".join(f"{k} {m[k]:.4g}" for k in ("fvu", "l0", "ce_loss_recovered", "kl_div") if k in m)
-        log.info(f"evaluate {site}/{t.label}: {summary}")
-    return results
+        log.info(f"evaluate {site}/{t.label}: {_summary(ev.metrics)}")
+    return {k: v.metrics for k, v in evals.items()}
+
+
+@task(name="evaluate-sae", cache_policy=NO_CACHE)
+def evaluate_sae_reference(cfg: PipelineConfig, tokens: TokenStoreRef, ref: SAEReference) -> dict[str, Any]:
+    """Evaluate one resolved SAE on the eval split in a new MLflow run; returns {run_id, site, label, metrics}.
+
+    No outlier rows are excluded (there are no training statistics to take a threshold from)."""
+    log = run_logger()
+    tr = tracker(cfg)
+    lm = loaded_model(cfg)
+    sae = load_reference(ref, lm.device)
+    saes = {ref.label: sae}
+    run_id = tr.start_run(f"evaluate {ref.label}", tags={"saeflow.flow": "evaluate_sae", "site": ref.site,
+                                                         "sae_reference": ref.source, "model": cfg.model.name})
+    try:
+        tr.log_params(run_id, {"sae_reference": ref.source, "sae_format": ref.kind, "site": ref.site,
+                               "architecture": sae.cfg.architecture, "d_in": sae.d_in, "d_sae": sae.d_sae,
+                               "input_scale": float(sae.input_scale), "model": cfg.model.model_dump(mode="json"),
+                               "token_store": tokens.url, "eval": cfg.eval.model_dump(mode="json")})
+        evals = run_evaluation(lm, tokens, ref.site, saes, cfg.eval)
+        reports = latent_reports(lm, tokens, ref.site, saes, evals, cfg.eval) if cfg.eval.latent_report else {}
+        ev = evals[ref.label]
+        log_evaluation(tr, run_id, ref.site, ref.label, sae, ev, tokens, reports.get(ref.label),
+                       extra={"sae_reference": ref.source, "sae_format": ref.kind})
+    except BaseException:
+        tr.end_run(run_id, "FAILED")
+        raise
+    tr.end_run(run_id)
+    log.info(f"evaluate {ref.site}/{ref.label}: {_summary(ev.metrics)}")
+    return {"run_id": run_id, "site": ref.site, "label": ref.label, "metrics": ev.metrics}

@@ -27,7 +27,8 @@ def error_line(result) -> str:
     return lines[0]
 
 
-@pytest.mark.parametrize("path", ["configs/demo.yaml", "configs/gpt2-openwebtext.yaml", "configs/sotu-smollm2.yaml"])
+@pytest.mark.parametrize("path", ["configs/demo.yaml", "configs/gpt2-openwebtext.yaml", "configs/sotu-smollm2.yaml",
+                                  "configs/sweep-demo.yaml"])
 def test_shipped_configs_validate_offline(path):
     cfg = load_config(f"{ROOT}/{path}")
     assert cfg.extract.sites and cfg.saes

@@ -1,0 +1,21 @@
+"""evaluate_sae: any SAE (registered, saeflow checkpoint or SAELens directory) → tokens → metrics in a new run."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow
+
+from saeflow.config import PipelineConfig
+from tasks.evaluate import evaluate_sae_reference
+from tasks.sae_reference import resolve_sae_reference
+from tasks.tokenize import tokenize_dataset
+
+
+@flow(name="evaluate_sae", log_prints=True)
+def evaluate_sae(config: PipelineConfig, sae: str, site: str | None = None) -> dict[str, Any]:
+    """Resolve and check the SAE against the config's model, tokenize (or reuse) the dataset, evaluate on the eval
+    split (SPEC 5, 5.1) and log to a new MLflow run."""
+    ref = resolve_sae_reference(config, sae, site)
+    tokens = tokenize_dataset(config)
+    return evaluate_sae_reference(config, tokens, ref)

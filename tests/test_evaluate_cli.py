@@ -1,0 +1,138 @@
+"""`saeflow evaluate` on any SAE: a saeflow checkpoint and its SAELens export give the same numbers, a registered
+model resolves by alias, and an SAE that does not fit the model/site fails with one `error:` line (exit 2)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import yaml
+from mlflow import MlflowClient
+from typer.testing import CliRunner
+
+from sae import ReLUConfig, build_sae
+from saeflow.cli import app
+from saeflow.config import load_config
+from storage.checkpoints import save_sae
+from storage.saelens import export_saelens, hook_name_for_site
+from tasks.common import tracker
+from tasks.sae_reference import load_reference, resolve_sae_reference, site_from_hook
+
+SITE = "resid_post.1"
+PLOTS = {"plots/feature_density.png", "plots/zf.png", "plots/decoder_cosines.png"}
+
+
+def random_sae(d_in: int = 64, seed: int = 0):
+    """A trained-looking ReLU SAE with a non-trivial input scale (so SAELens export must fold it in)."""
+    torch.manual_seed(seed)
+    sae = build_sae(ReLUConfig(d_sae=128), d_in)
+    with torch.no_grad():
+        sae.W_enc.normal_()
+        sae.b_enc.fill_(-1.0)
+        sae.b_dec.normal_(std=0.1)
+        sae.input_scale.fill_(3.7)
+    return sae.eval()
+
+
+@pytest.fixture(scope="module")
+def config_file(tmp_path_factory, tiny_gpt2_dir):
+    """One config (so one MLflow database and token store) for the whole module."""
+    tmp_path = tmp_path_factory.mktemp("evaluate-cli")
+    data = {"name": "eval-test", "root": str(tmp_path / "work"), "model": {"name": tiny_gpt2_dir},
+            "tokens": {"context_size": 32, "train_tokens": 32, "eval_tokens": 384},
+            "extract": {"sites": [SITE]},
+            "eval": {"batch_size": 6, "n_latents": 4, "n_extreme_latents": 2, "top_contexts": 3, "zf_points": 500}}
+    p = tmp_path / "eval.yaml"
+    p.write_text(yaml.safe_dump(data))
+    return str(p)
+
+
+def invoke(*args):
+    return CliRunner().invoke(app, ["evaluate", *args])
+
+
+def error_lines(result) -> list[str]:
+    return [ln for ln in result.stderr.splitlines() if ln.startswith("error:")]
+
+
+def run_id_of(result) -> str:
+    line = next(ln for ln in result.stdout.splitlines() if ln.startswith("MLflow run:"))
+    return line.split()[2]
+
+
+def test_saelens_export_evaluates_like_the_original_checkpoint(prefect_server, config_file, tmp_path):
+    sae = random_sae()
+    ckpt = save_sae(sae, str(tmp_path / "ckpt"), {"site": SITE})
+    lens = export_saelens(sae, str(tmp_path / "lens"), hook_name_for_site(SITE))
+    a = invoke(ckpt, "--config", config_file)
+    assert a.exit_code == 0, a.output
+    b = invoke(lens, "--config", config_file, "--site", SITE)
+    assert b.exit_code == 0, b.output
+    assert "fvu" in a.stdout and "afa_eps_lbo_median" in a.stdout  # the printed metric table
+    cfg = load_config(config_file)
+    client = MlflowClient(cfg.tracking_uri)
+    ma, mb = (client.get_run(run_id_of(r)).data.metrics for r in (a, b))
+    assert set(ma) == set(mb)
+    for key in ("eval/fvu", "eval/cosine_sim", "eval/l0", "eval/ce_loss_recovered", "eval/ce_loss_recovered_mean",
+                "eval/kl_div", "eval/shrinkage_gamma", "eval/afa_eps_lbo_median", "eval/decoder_cos_max"):
+        assert key in ma, key
+    for key in ma:
+        if key != "eval/mse":  # normalized units: the SAELens export has the scale folded in (mse_raw agrees)
+            assert mb[key] == pytest.approx(ma[key], rel=2e-4, abs=1e-6), key
+    assert ma["eval/mse"] == pytest.approx(mb["eval/mse"] * 3.7**2, rel=1e-4)
+    for r in (a, b):
+        rid = run_id_of(r)
+        arts = {f.path for d in ("plots", "reports", "eval") for f in client.list_artifacts(rid, d)}
+        assert PLOTS | {"reports/latents.html", "eval/firing_frequency.npy", "eval/metrics.json"} <= arts
+        for png in PLOTS:
+            with open(client.download_artifacts(rid, png, str(tmp_path)), "rb") as f:
+                assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+        page = open(client.download_artifacts(rid, "reports/latents.html", str(tmp_path))).read()
+        assert "<span class='hit'>" in page
+        assert client.get_run(rid).info.status == "FINISHED"
+
+
+def test_registered_model_reference_resolves_to_the_same_sae(config_file, tmp_path):
+    cfg = load_config(config_file)
+    sae = random_sae(seed=1)
+    ckpt = save_sae(sae, str(tmp_path / "ckpt"), {"site": SITE})
+    tr = tracker(cfg)  # the config's experiment, artifacts under its root
+    run_id = tr.start_run("registered")
+    tr.log_artifacts(run_id, ckpt, "sae")
+    tr.set_alias("tiny.relu", "current", tr.register("tiny.relu", run_id, "sae", {}))
+    ref = resolve_sae_reference.fn(cfg, "tiny.relu@current")
+    assert (ref.kind, ref.site) == ("registry", SITE)
+    for x, y in zip(load_reference(ref).state_dict().values(), sae.state_dict().values()):
+        assert torch.equal(x, y)
+
+
+def test_d_model_mismatch_fails_with_one_line(config_file, tmp_path):
+    ckpt = save_sae(random_sae(d_in=32), str(tmp_path / "narrow"), {"site": SITE})
+    r = invoke(ckpt, "--config", config_file)
+    assert r.exit_code == 2
+    (line,) = error_lines(r)
+    assert "d_in 32" in line and "width 64" in line
+
+
+@pytest.mark.parametrize("site, words", [("resid_post.2", "trained at resid_post.1"), ("resid_post.9", "layers 0..2"),
+                                         ("attn.1", "bad site")])
+def test_wrong_site_fails_with_one_line(config_file, tmp_path, site, words):
+    ckpt = save_sae(random_sae(), str(tmp_path / "ckpt"), {"site": SITE})
+    r = invoke(ckpt, "--config", config_file, "--site", site)
+    assert r.exit_code == 2
+    (line,) = error_lines(r)
+    assert words in line
+
+
+def test_missing_directory_and_unrecorded_site_fail_with_one_line(config_file, tmp_path):
+    r = invoke(str(tmp_path / "nowhere" / "sae"), "--config", config_file)
+    assert r.exit_code == 2 and "does not exist" in error_lines(r)[0]
+    ckpt = save_sae(random_sae(), str(tmp_path / "nosite"))
+    r = invoke(ckpt, "--config", config_file)
+    assert r.exit_code == 2 and "--site" in error_lines(r)[0]
+
+
+def test_saelens_hook_names_map_to_sites():
+    assert site_from_hook("blocks.3.hook_resid_post") == "resid_post.3"
+    assert site_from_hook("blocks.3.hook_mlp_out") == "mlp_out.3"
+    assert site_from_hook("blocks.3.hook_resid_pre") == "resid_post.2"
+    assert site_from_hook("blocks.0.hook_resid_pre") is None and site_from_hook("blocks.1.attn.hook_z") is None
