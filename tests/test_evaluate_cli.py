@@ -15,7 +15,8 @@ from saeflow.config import load_config
 from storage.checkpoints import save_sae
 from storage.saelens import export_saelens, hook_name_for_site
 from tasks.common import tracker
-from tasks.sae_reference import load_reference, resolve_sae_reference, site_from_hook
+from storage.sae_sources import site_from_hook
+from tasks.sae_reference import load_reference, resolve_sae_reference
 
 SITE = "resid_post.1"
 PLOTS = {"plots/feature_density.png", "plots/zf.png", "plots/decoder_cosines.png"}

@@ -172,6 +172,9 @@ def test_sweep_trains_and_evaluates_every_grid_point(sweep_run):
                                   f"tags.mlflow.parentRunId = '{run_id}'")
     assert sorted(c.info.run_name for c in children) == sorted(f"resid_post.1/{s.label()}" for s in cfg.saes)
     assert len(children) == 4 and all("eval/ce_loss_recovered" in c.data.metrics for c in children)
+    for c in children:  # every swept SAE also gets its latent report
+        page = open(client.download_artifacts(c.info.run_id, "reports/latents.html")).read()
+        assert "<span class='hit'>" in page and "latent " in page
 
 
 def test_sweep_logs_two_real_frontier_pngs(sweep_run):

@@ -1,0 +1,68 @@
+"""Where an SAE to evaluate lives on disk: a registered model (downloaded), a saeflow checkpoint directory, or a
+SAELens directory, told apart by the shape of its cfg.json."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+
+from sae.base import SAE
+
+_HOOK = re.compile(r"^blocks\.(\d+)\.hook_(resid_post|mlp_out|resid_pre)$")
+
+
+class SAEReferenceError(ValueError):
+    """The SAE reference cannot be found or does not fit the model/site; str() is one line saying what to fix."""
+
+
+def site_from_hook(hook_name: str | None) -> str | None:
+    """TransformerLens hook → saeflow site: blocks.L.hook_resid_post/mlp_out → resid_post.L/mlp_out.L, and
+    blocks.L.hook_resid_pre → resid_post.(L−1) (the same tensor); None for anything else."""
+    m = _HOOK.match(hook_name or "")
+    if not m:
+        return None
+    layer, kind = int(m[1]), m[2]
+    if kind == "resid_pre":
+        return f"resid_post.{layer - 1}" if layer > 0 else None
+    return f"{kind}.{layer}"
+
+
+def sniff_format(directory: str) -> tuple[str, str | None]:
+    """(`checkpoint` | `saelens`, recorded site or None) from a directory's cfg.json shape."""
+    path = os.path.join(directory, "cfg.json")
+    if not os.path.exists(path):
+        raise SAEReferenceError(f"{directory!r} has no cfg.json: give a saeflow checkpoint or SAELens SAE directory")
+    with open(path) as f:
+        cfg = json.load(f)
+    if isinstance(cfg.get("sae"), dict) and "d_in" in cfg:  # storage.checkpoints.save_sae
+        return "checkpoint", (cfg.get("metadata") or {}).get("site")
+    if "d_in" in cfg and "d_sae" in cfg:  # SAELens: flat config, hook_name under metadata (≥ 6) or top level
+        return "saelens", site_from_hook((cfg.get("metadata") or {}).get("hook_name") or cfg.get("hook_name"))
+    raise SAEReferenceError(f"{path} is neither a saeflow nor a SAELens SAE config (no d_in/d_sae)")
+
+
+def locate_sae(ref: str, tracking_uri: str) -> tuple[str, str, str | None]:
+    """(kind, local directory, recorded site) of a reference; registered models are downloaded first."""
+    from storage.tracking import pull
+
+    if os.path.isdir(ref):
+        kind, site = sniff_format(ref)
+        return kind, ref, site
+    if os.sep in ref.strip(os.sep).split(os.sep, 1)[-1] or ref.startswith((".", "~", os.sep)):
+        raise SAEReferenceError(f"SAE directory {ref!r} does not exist")
+    try:
+        path = pull(ref, tempfile.mkdtemp(prefix="saeflow-eval-"), tracking_uri)
+    except ValueError as e:
+        raise SAEReferenceError(f"{ref!r} is not a directory, and {e}") from None
+    _, site = sniff_format(path)
+    return "registry", path, site
+
+
+def load_sae_source(kind: str, path: str, device="cpu") -> SAE:
+    """Load a located SAE: SAELens directories through the importer, everything else as a saeflow checkpoint."""
+    from storage.checkpoints import load_sae
+    from storage.saelens import import_saelens
+
+    return import_saelens(path, device) if kind == "saelens" else load_sae(path, device)
