@@ -232,6 +232,12 @@ def import_saelens(directory: str, device: str | torch.device = "cpu", scaling_f
         n = t["W_dec"].norm(dim=1)
         t["W_enc"], t["b_enc"], t["W_dec"] = t["W_enc"] * n, t["b_enc"] * n, t["W_dec"] / n[:, None]
     state = {"W_enc": t.pop("W_enc"), "W_dec": t.pop("W_dec"), "b_dec": t.pop("b_dec")}
+    meta = cfg.get("metadata") or {}
+    if scale == 1.0 and meta.get("saeflow_input_scale_folded") and meta.get("saeflow_input_scale"):
+        # Our own export: unfold c so the SAE again works in the units it was trained in. π and x̂_raw are
+        # unchanged, and normalized-unit metrics (MSE, γ, ...) match the original checkpoint's.
+        scale = float(meta["saeflow_input_scale"])
+        state["W_enc"], state["W_dec"], state["b_dec"] = state["W_enc"] / scale, state["W_dec"] * scale, state["b_dec"] * scale
     unit = _is_unit_norm(state["W_dec"])
     if arch == "standard":
         sae_cfg: Any = ReLUConfig(d_sae=d_sae)

@@ -94,7 +94,9 @@ def assert_same_codes(a: torch.Tensor, b: torch.Tensor) -> None:
 def test_export_then_import_gives_same_reconstruction_and_codes(arch, tmp_path):
     sae = make_sae(arch)
     back = import_saelens(export_saelens(sae, str(tmp_path / arch), hook_name="blocks.3.hook_resid_post"))
-    assert float(back.input_scale) == 1.0
+    # Our own export records the folded scale, so import unfolds it: the SAE is back in its training units.
+    assert float(back.input_scale) == pytest.approx(SCALE)
+    torch.testing.assert_close(back.W_dec, sae.W_dec, atol=1e-5, rtol=1e-5)
     x = raw_inputs()
     with torch.no_grad():
         torch.testing.assert_close(back.reconstruct_raw(x), sae.reconstruct_raw(x), atol=1e-4, rtol=1e-5)
