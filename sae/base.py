@@ -125,11 +125,15 @@ class SAE(nn.Module):
 
     # ----- raw-unit helpers: what evaluation and downstream users call -------------------------------------
     def encode_raw(self, x_raw: Tensor) -> Tensor:
-        return self.encode(x_raw * self.input_scale)
+        """Codes of raw activations with any leading shape ([..., d_in] → [..., d_sae])."""
+        rows = x_raw.reshape(-1, x_raw.shape[-1])
+        return self.encode(rows * self.input_scale).reshape(*x_raw.shape[:-1], self.d_sae)
 
     def reconstruct_raw(self, x_raw: Tensor) -> Tensor:
-        """x̂ in the model's own units: normalise, encode, decode, undo the scale."""
-        return self.forward(x_raw * self.input_scale) / self.input_scale
+        """x̂ in the model's own units: normalise, encode, decode, undo the scale. Any leading shape; rows are
+        encoded independently (architectures such as top-AFA select per row of a 2-D batch)."""
+        rows = x_raw.reshape(-1, x_raw.shape[-1])
+        return (self.forward(rows * self.input_scale) / self.input_scale).reshape(x_raw.shape)
 
     # ----- hooks around the optimizer step ---------------------------------------------------------------
     @torch.no_grad()

@@ -115,3 +115,21 @@ def test_pulled_registered_sae_reproduces_its_logged_metrics(pipeline_runs, tmp_
                       outlier_norm=st["outlier_norm_threshold"], progress=False)["pulled"]
     for key in ("fvu", "l0", "ce_loss_recovered", "kl_div"):
         assert m[key] == pytest.approx(logged[f"eval/{key}"], rel=1e-5, abs=1e-7), key
+
+
+def test_every_architecture_trains_through_the_pipeline_config(prefect_server, tiny_gpt2_dir, tmp_path):
+    archs = ["relu", "gated", "jumprelu", "topk", "batchtopk", "topafa", "matryoshka"]
+    cfg = tiny_config(str(tmp_path), tiny_gpt2_dir, extract={"sites": ["resid_post.1"], "batch_size": 16},
+                      saes=[{"architecture": a, "expansion_factor": 2} for a in archs],
+                      eval={"batch_size": 8, "latent_report": False})
+    out = sae_pipeline(cfg)
+    metrics = out["metrics"]["resid_post.1"]
+    assert sorted(label.split("-")[0] for label in metrics) == sorted(archs)
+    client = MlflowClient(cfg.tracking_uri, cfg.tracking_uri)
+    for a in archs:
+        name = f"saeflow.{os.path.basename(cfg.model.name)}.resid_post.1.{a}"
+        version = client.get_model_version_by_alias(name, "current")
+        sae = saeflow.load_sae(f"{name}/{version.version}", tracking_uri=cfg.tracking_uri)
+        assert sae.cfg.architecture == a
+    for label, m in metrics.items():
+        assert 0 <= m["fvu"] < 1.5 and m["l0"] > 0 and "ce_loss_recovered" in m, label
