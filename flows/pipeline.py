@@ -22,19 +22,26 @@ def training_groups(cfg: PipelineConfig) -> list[tuple[str, list]]:
     return [(site, [spec]) for site in cfg.extract.sites for spec in cfg.saes]
 
 
+def run_stages(config: PipelineConfig, run_id: str, results: dict[str, Any]) -> dict[str, Any]:
+    """The pipeline's stages under parent run `run_id`; fills `results` ({site: {sae label: metrics}}) as sites
+    finish, so a failure still leaves what was done. Shared by sae_pipeline and sae_sweep."""
+    tokens = tokenize_dataset(config)
+    log_token_manifest(config, run_id, tokens)
+    acts = extract_activations(config, tokens)
+    stats = compute_stats(config, acts, run_id)
+    for site, specs in training_groups(config):
+        trained = train_site_saes(config, acts, stats[site], site, specs, run_id)
+        results.setdefault(site, {}).update(evaluate_site_saes(config, tokens, stats[site], site, trained))
+    return results
+
+
 @flow(name="sae_pipeline", log_prints=True)
 def sae_pipeline(config: PipelineConfig) -> dict[str, Any]:
     """Text → token windows → activations → normalization stats → trained SAEs → evaluated, registered SAEs."""
     run_id = start_pipeline_run(config)
     results: dict[str, Any] = {}
     try:
-        tokens = tokenize_dataset(config)
-        log_token_manifest(config, run_id, tokens)
-        acts = extract_activations(config, tokens)
-        stats = compute_stats(config, acts, run_id)
-        for site, specs in training_groups(config):
-            trained = train_site_saes(config, acts, stats[site], site, specs, run_id)
-            results.setdefault(site, {}).update(evaluate_site_saes(config, tokens, stats[site], site, trained))
+        run_stages(config, run_id, results)
     except BaseException:
         finish_pipeline_run(config, run_id, results, status="FAILED")
         raise

@@ -12,10 +12,10 @@ from tasks.common import run_logger, tracker
 
 
 @task(name="start-mlflow-run", cache_policy=NO_CACHE)
-def start_pipeline_run(cfg: PipelineConfig) -> str:
+def start_pipeline_run(cfg: PipelineConfig, flow_name: str = "sae_pipeline") -> str:
     """Open the parent MLflow run and record the resolved config on it."""
     tr = tracker(cfg)
-    run_id = tr.start_run(cfg.name, tags={"saeflow.flow": "sae_pipeline", "model": cfg.model.name})
+    run_id = tr.start_run(cfg.name, tags={"saeflow.flow": flow_name, "model": cfg.model.name})
     dumped = cfg.model_dump(mode="json")
     tr.log_params(run_id, {k: v for k, v in dumped.items() if k != "saes"})
     tr.log_params(run_id, {"saes": [s.label() for s in cfg.saes]})
