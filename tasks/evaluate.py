@@ -11,15 +11,14 @@ import numpy as np
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from sae.afa import decoder_cosines
 from sae.base import SAE
-from sae.evaluation import POSITIONS_NOTE, SAEEvaluation, evaluate_saes
+from sae.evaluation import SAEEvaluation, evaluate_saes
 from sae.latents import TopContexts, choose_latents, collect_top_contexts_many, render_html, windows_needed
 from sae.models import LoadedModel
 from saeflow.config import EvalConfig, PipelineConfig
 from storage.checkpoints import load_sae
 from storage.tokens import TokenStoreRef, iter_window_batches, read_windows
-from storage.tracking import Tracker
+from storage.tracking import log_evaluation
 from tasks.common import TrainedSAE, loaded_model, run_logger, tracker
 from tasks.sae_reference import SAEReference, load_reference
 
@@ -52,40 +51,6 @@ def latent_reports(
 
 def _windows(tokens: TokenStoreRef, acc: TopContexts) -> dict[int, np.ndarray]:
     return {w: read_windows(tokens, "eval", w, w + 1)[0] for w in windows_needed(acc)}
-
-
-def log_evaluation(
-    tr: Tracker, run_id: str, site: str, label: str, sae: SAE, ev: SAEEvaluation, tokens: TokenStoreRef,
-    report: str | None = None, extra: dict[str, Any] | None = None,
-) -> None:
-    """Metrics (`eval/...`), eval/metrics.json, eval/firing_frequency.npy, plots/*.png and reports/latents.html."""
-    import matplotlib.pyplot as plt
-
-    from sae.plots import decoder_cosine_histogram, feature_density, zf_plot
-
-    m = ev.metrics
-    tr.log_metrics(run_id, m, prefix="eval/")
-    hist = ev.l0_histogram.tolist()
-    while len(hist) > 1 and hist[-1] == 0:
-        hist.pop()
-    tr.log_dict(run_id, {"site": site, "metrics": m, "positions": POSITIONS_NOTE, "eval_windows": tokens.n_eval,
-                         "context_size": tokens.context_size, "l0_histogram": [int(c) for c in hist],
-                         **(extra or {})}, "eval/metrics.json")
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "firing_frequency.npy")
-        np.save(path, ev.firing_frequency.numpy())
-        tr.log_artifact(run_id, path, "eval")
-    title = f"{site} · {label}"
-    figs = {"plots/feature_density.png": feature_density(ev.firing_frequency.numpy(), title),
-            "plots/decoder_cosines.png": decoder_cosine_histogram(decoder_cosines(sae.W_dec).numpy(), title)}
-    if ev.afa is not None:
-        z, f = ev.afa.points()
-        figs["plots/zf.png"] = zf_plot(z.numpy(), f.numpy(), title)
-    for name, fig in figs.items():
-        tr.client.log_figure(run_id, fig, name)
-        plt.close(fig)
-    if report is not None:
-        tr.client.log_text(run_id, report, "reports/latents.html")
 
 
 def _summary(m: dict[str, float]) -> str:
