@@ -14,6 +14,11 @@ for _k, _v in {
     os.environ.setdefault(_k, _v)
 
 
+def default_tracking_uri() -> str:
+    """$MLFLOW_TRACKING_URI, else the demo's SQLite store under ./saeflow-data (the config's default root)."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///" + os.path.abspath("saeflow-data/mlflow.db")
+
+
 def load_sae(ref: str, tracking_uri: str | None = None, device: str = "cpu"):
     """Load an SAE as a torch module from a checkpoint directory or a registered model (`name@alias`, `name/3`)."""
     import tempfile
@@ -23,5 +28,5 @@ def load_sae(ref: str, tracking_uri: str | None = None, device: str = "cpu"):
 
     if os.path.isdir(ref):
         return load_dir(ref, device)
-    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///saeflow-data/mlflow.db"
+    uri = tracking_uri or default_tracking_uri()
     return load_dir(pull(ref, tempfile.mkdtemp(prefix="saeflow-pull-"), uri), device)

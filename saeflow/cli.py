@@ -118,7 +118,7 @@ def pull(
     """Download a registered SAE (safetensors + cfg.json); load it with saeflow.load_sae(DIR)."""
     from storage.tracking import pull as pull_model
 
-    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///" + os.path.abspath("saeflow-data/mlflow.db")
+    uri = tracking_uri or saeflow.default_tracking_uri()
     try:
         path = pull_model(ref, dst, uri)
     except ValueError as e:
