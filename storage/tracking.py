@@ -83,6 +83,13 @@ class Tracker:
     def download(self, run_id: str, artifact_path: str, dst: str) -> str:
         return self.client.download_artifacts(run_id, artifact_path, dst)
 
+    def load_logged_sae(self, run_id: str, device="cpu"):
+        """The SAE checkpoint logged under `sae/` on a run, loaded as a module (the download is temporary)."""
+        from storage.checkpoints import load_sae
+
+        with tempfile.TemporaryDirectory() as tmp:
+            return load_sae(self.download(run_id, "sae", tmp), device)
+
     def artifact_uri(self, run_id: str, path: str) -> str:
         return f"{self.client.get_run(run_id).info.artifact_uri.rstrip('/')}/{path}"
 

@@ -3,8 +3,6 @@ of any SAE; both log the same metrics, artifacts, plots and latent report (SPEC 
 
 from __future__ import annotations
 
-import os
-import tempfile
 from typing import Any
 
 import numpy as np
@@ -16,7 +14,6 @@ from sae.evaluation import SAEEvaluation, evaluate_saes
 from sae.latents import TopContexts, choose_latents, collect_top_contexts_many, render_html, windows_needed
 from sae.models import LoadedModel
 from saeflow.config import EvalConfig, PipelineConfig
-from storage.checkpoints import load_sae
 from storage.tokens import TokenStoreRef, iter_window_batches, read_windows
 from storage.tracking import log_evaluation
 from tasks.common import TrainedSAE, loaded_model, run_logger, tracker
@@ -65,11 +62,7 @@ def evaluate_site_saes(
     log = run_logger()
     tr = tracker(cfg)
     lm = loaded_model(cfg)
-    saes = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for t in trained:
-            os.makedirs(f"{tmp}/{t.label}")
-            saes[t.label] = load_sae(tr.download(t.run_id, "sae", f"{tmp}/{t.label}"), lm.device)
+    saes = {t.label: tr.load_logged_sae(t.run_id, lm.device) for t in trained}
     evals = run_evaluation(lm, tokens, site, saes, cfg.eval, stats.get("outlier_norm_threshold"))
     reports = latent_reports(lm, tokens, site, saes, evals, cfg.eval) if cfg.eval.latent_report else {}
     for t in trained:
