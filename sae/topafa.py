@@ -9,7 +9,7 @@ from pydantic import Field
 from torch import Tensor
 
 from sae.base import SAE, SAEConfig, SAEOutput, TrainState, register
-from sae.losses import auxk_loss, reconstruction_loss
+from sae.losses import auxk_loss, reconstruction_loss, warmup
 
 
 class TopAFAConfig(SAEConfig):
@@ -26,12 +26,20 @@ class TopAFAConfig(SAEConfig):
     """Dead latents used by AuxK (capped by the number dead, SPEC 2.6)."""
     aux_coefficient: float = Field(1 / 32, ge=0)
     """α, the weight of the AuxK loss."""
+    l1_coefficient: float = Field(0.0, ge=0)
+    """λ₁ on ‖f‖₁ (the reference code's `l1_coeff`; SPEC 2.6 and the paper use 0). Without it top-AFA has no
+    pressure toward few latents and on superposition data usually settles on a dense code whose decoder rows are
+    mixtures (benchmarks/README.md). With it, b_enc becomes a threshold that prunes the tail, and the selection and
+    the AFA term keep ‖f‖ near ‖z‖."""
+    l1_warmup: float = Field(0.05, ge=0, le=1)
+    """Fraction of training over which λ₁ ramps linearly from 0."""
 
     # Same as TopK: SPEC 2.6 asks for top-AFA to be benchmarked next to TopK, so keep the optimiser identical.
     default_lr: ClassVar[float] = 5e-4
 
     def sparsity_label(self) -> str:
-        return f"afa{self.afa_coefficient:g}"
+        l1 = f"_l1_{self.l1_coefficient:g}" if self.l1_coefficient else ""
+        return f"afa{self.afa_coefficient:g}{l1}"
 
 
 class AFASelection(NamedTuple):
@@ -108,4 +116,10 @@ class TopAFASAE(SAE):
         afa = (f_norm - target.detach()).pow(2).mean()
         aux = auxk_loss(x - x_hat, pre, self.W_dec, state.dead_mask, self.cfg.k_aux)
         loss = rec + self.cfg.afa_coefficient * afa + self.cfg.aux_coefficient * aux
-        return SAEOutput(x_hat, f, loss, {"mse": rec.detach(), "afa": afa.detach(), "auxk": aux.detach()})
+        terms = {"mse": rec.detach(), "afa": afa.detach(), "auxk": aux.detach()}
+        if self.cfg.l1_coefficient:
+            # The reference code's optional λ₁·mean_B ‖f‖₁ (f ≥ 0, unit decoder rows, so no norm weighting).
+            l1 = f.sum(-1).mean()
+            loss = loss + self.cfg.l1_coefficient * warmup(state.progress, self.cfg.l1_warmup) * l1
+            terms["l1"] = l1.detach()
+        return SAEOutput(x_hat, f, loss, terms)
