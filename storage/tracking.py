@@ -71,6 +71,10 @@ class Tracker:
         for i in range(0, len(ms), 500):
             self.client.log_batch(run_id, metrics=ms[i : i + 500])
 
+    def last_step(self, run_id: str, key: str) -> int:
+        """The highest step logged for metric `key` in the run, −1 when none."""
+        return max((m.step for m in self.client.get_metric_history(run_id, key)), default=-1)
+
     def log_dict(self, run_id: str, obj: Any, artifact_file: str) -> None:
         self.client.log_dict(run_id, obj, artifact_file)
 

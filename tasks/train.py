@@ -75,10 +75,13 @@ def train_site_saes(
     runs = open_sae_runs(tr, site, specs, parent_run_id, {"train": t.model_dump(), "site": site, "total_tokens": total},
                      ckpt)
     history: list[list[dict[str, float]]] = ckpt.extra["history"] if ckpt else [[] for _ in specs]
+    # A resumed run replays the steps between its checkpoint and the kill; they are in MLflow already.
+    logged_until = [tr.last_step(r, "train/loss") if ckpt else -1 for r in runs]
 
     def on_step(step: int, tokens: int, metrics: list[dict[str, float]]) -> None:
         for i, m in enumerate(metrics):
-            tr.log_metrics(runs[i], m, step=tokens, prefix="train/")
+            if tokens > logged_until[i]:
+                tr.log_metrics(runs[i], m, step=tokens, prefix="train/")
             history[i].append({"tokens": tokens, **m})
         if step % (t.log_every * 10) == 0:
             log.info(f"train {site}: {tokens:,}/{total:,} tokens · " + " · ".join(

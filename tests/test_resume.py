@@ -229,8 +229,15 @@ def test_a_killed_train_task_resumes_in_the_same_mlflow_runs_and_ends_like_an_un
     monkeypatch.setattr(train_task, "save_training_state", real_save)
 
     second_parent = tr.start_run("resumed")
-    with caplog.at_level(logging.INFO, logger="saeflow"):
-        resumed = train_task.train_site_saes.fn(cfg, store, STATS, "s", list(cfg.saes), second_parent)
+    # The handler goes on the "saeflow" logger itself: Prefect configures logging lazily, and when that happens
+    # inside this call (this test run alone) it replaces the root handlers, caplog's among them.
+    saeflow_log = logging.getLogger("saeflow")
+    saeflow_log.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.INFO, logger="saeflow"):
+            resumed = train_task.train_site_saes.fn(cfg, store, STATS, "s", list(cfg.saes), second_parent)
+    finally:
+        saeflow_log.removeHandler(caplog.handler)
     assert "train s: resuming from" in caplog.text and "at 800/1,200 tokens" in caplog.text
     assert [t.run_id for t in resumed] == killed_runs
     for run_id in killed_runs:
@@ -243,3 +250,7 @@ def test_a_killed_train_task_resumes_in_the_same_mlflow_runs_and_ends_like_an_un
     assert {t.run_id for t in uninterrupted}.isdisjoint(killed_runs)
     resumed_trainer, uninterrupted_trainer = trainers  # the killed call returned none
     assert_same_training_state(resumed_trainer, uninterrupted_trainer)
+    # The steps replayed after the checkpoint are logged once: the resumed run's curve is the uninterrupted one's.
+    for killed, full in zip(killed_runs, [t.run_id for t in uninterrupted]):
+        curve = [(m.step, m.value) for m in tr.client.get_metric_history(killed, "train/loss")]
+        assert sorted(curve) == sorted((m.step, m.value) for m in tr.client.get_metric_history(full, "train/loss"))
