@@ -43,6 +43,13 @@ def sniff_format(directory: str) -> tuple[str, str | None]:
     raise SAEReferenceError(f"{path} is neither a saeflow nor a SAELens SAE config (no d_in/d_sae)")
 
 
+def recorded_metadata(directory: str) -> dict:
+    """The metadata a saeflow checkpoint records (site, input scale, training outlier threshold…); {} otherwise."""
+    with open(os.path.join(directory, "cfg.json")) as f:
+        cfg = json.load(f)
+    return (cfg.get("metadata") or {}) if isinstance(cfg.get("sae"), dict) else {}
+
+
 def locate_sae(ref: str, tracking_uri: str) -> tuple[str, str, str | None]:
     """(kind, local directory, recorded site) of a reference; registered models are downloaded first."""
     from storage.tracking import pull

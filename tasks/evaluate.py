@@ -77,7 +77,8 @@ def evaluate_site_saes(
 def evaluate_sae_reference(cfg: PipelineConfig, tokens: TokenStoreRef, ref: SAEReference) -> dict[str, Any]:
     """Evaluate one resolved SAE on the eval split in a new MLflow run; returns {run_id, site, label, metrics}.
 
-    No outlier rows are excluded (there are no training statistics to take a threshold from)."""
+    Reconstruction metrics leave out the rows above the outlier threshold the SAE's training recorded (saeflow
+    checkpoints and registered models), so they match the pipeline's own evaluation; SAELens SAEs record none."""
     log = run_logger()
     tr = tracker(cfg)
     lm = loaded_model(cfg)
@@ -88,9 +89,10 @@ def evaluate_sae_reference(cfg: PipelineConfig, tokens: TokenStoreRef, ref: SAER
     try:
         tr.log_params(run_id, {"sae_reference": ref.source, "sae_format": ref.kind, "site": ref.site,
                                "architecture": sae.cfg.architecture, "d_in": sae.d_in, "d_sae": sae.d_sae,
-                               "input_scale": float(sae.input_scale), "model": cfg.model.model_dump(mode="json"),
+                               "input_scale": float(sae.input_scale), "outlier_norm_threshold": ref.outlier_norm,
+                               "model": cfg.model.model_dump(mode="json"),
                                "token_store": tokens.url, "eval": cfg.eval.model_dump(mode="json")})
-        evals = run_evaluation(lm, tokens, ref.site, saes, cfg.eval)
+        evals = run_evaluation(lm, tokens, ref.site, saes, cfg.eval, ref.outlier_norm)
         reports = latent_reports(lm, tokens, ref.site, saes, evals, cfg.eval) if cfg.eval.latent_report else {}
         ev = evals[ref.label]
         log_evaluation(tr, run_id, ref.site, ref.label, sae, ev, tokens, reports.get(ref.label),

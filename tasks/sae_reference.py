@@ -13,7 +13,7 @@ from torch import nn
 from sae.base import SAE
 from sae.sites import parse_site, site_module, site_width
 from saeflow.config import PipelineConfig
-from storage.sae_sources import SAEReferenceError, load_sae_source, locate_sae
+from storage.sae_sources import SAEReferenceError, load_sae_source, locate_sae, recorded_metadata
 from tasks.common import loaded_model, run_logger
 
 
@@ -29,6 +29,9 @@ class SAEReference:
     """Local directory holding cfg.json + sae_weights.safetensors."""
     site: str
     label: str
+    outlier_norm: float | None = None
+    """Raw-unit row norm above which rows were left out of training (recorded by saeflow checkpoints); evaluation
+    leaves them out of the reconstruction metrics too, as the pipeline's own evaluation does."""
 
 
 def check_fit(sae: SAE, model: nn.Module, site: str | None, recorded: str | None) -> str:
@@ -65,5 +68,8 @@ def resolve_sae_reference(cfg: PipelineConfig, ref: str, site: str | None = None
     sae = load_sae_source(kind, path, "cpu")
     chosen = check_fit(sae, lm.model, site, recorded)
     label = f"{os.path.basename(os.path.normpath(ref)) or ref}-{sae.cfg.architecture}"
-    run_logger().info(f"evaluate: {ref} is a {kind} SAE ({sae.cfg.architecture}, d_sae {sae.d_sae}) at {chosen}")
-    return SAEReference(ref, kind, path, chosen, label)
+    outlier = recorded_metadata(path).get("outlier_norm_threshold")
+    excluded = f"rows with norm > {outlier:.4g} left out as in training" if outlier else "no outlier threshold recorded"
+    run_logger().info(f"evaluate: {ref} is a {kind} SAE ({sae.cfg.architecture}, d_sae {sae.d_sae}) at {chosen}; "
+                      f"{excluded}")
+    return SAEReference(ref, kind, path, chosen, label, float(outlier) if outlier else None)

@@ -111,7 +111,8 @@ def train_site_saes(
         raise
     data_hash = acts.manifest(site)["content_hash"]
     meta = {"site": site, "model": model_identity(cfg), "normalize": stats["normalize"], "input_scale": scale,
-            "activation_store": acts.url, "data_hash": data_hash}
+            "outlier_norm_threshold": stats.get("outlier_norm_threshold"), "activation_store": acts.url,
+            "data_hash": data_hash}
     out = []
     for sae, spec, run_id, hist in zip(saes, specs, runs, history):
         name = registered_model_name(cfg.tracking.registered_model_prefix, cfg.model.name, site, spec.architecture)

@@ -135,3 +135,28 @@ def test_saelens_hook_names_map_to_sites():
     assert site_from_hook("blocks.3.hook_mlp_out") == "mlp_out.3"
     assert site_from_hook("blocks.3.hook_resid_pre") == "resid_post.2"
     assert site_from_hook("blocks.0.hook_resid_pre") is None and site_from_hook("blocks.1.attn.hook_z") is None
+
+
+def test_a_checkpoint_is_evaluated_without_the_outlier_rows_its_training_left_out(config_file, tmp_path):
+    from sae.sites import run_to_sites
+    from storage.tokens import open_token_store, read_windows
+    from tasks.common import loaded_model, token_store_url
+
+    cfg = load_config(config_file)
+    sae = random_sae(seed=1)
+    plain = invoke(save_sae(sae, str(tmp_path / "plain"), {"site": SITE}), "--config", config_file)
+    assert plain.exit_code == 0, plain.output  # also writes the token store read below
+    ids = torch.as_tensor(read_windows(open_token_store(token_store_url(cfg)[0]), "eval").astype("int64"))
+    with torch.no_grad():
+        norms = run_to_sites(loaded_model(cfg).model, ids, [SITE])[SITE][:, 1:].norm(dim=-1).flatten()
+    threshold = float(norms.quantile(0.9))  # what training would have recorded: the top tenth are outliers
+    ckpt = save_sae(sae, str(tmp_path / "with-threshold"), {"site": SITE, "outlier_norm_threshold": threshold})
+    cut = invoke(ckpt, "--config", config_file)
+    assert cut.exit_code == 0, cut.output
+    client = MlflowClient(cfg.tracking_uri)
+    mp, mc = (client.get_run(run_id_of(r)).data for r in (plain, cut))
+    assert mp.metrics["eval/outlier_rows_excluded"] == 0
+    assert mc.metrics["eval/outlier_rows_excluded"] == int((norms > threshold).sum()) > 0
+    assert float(mc.params["outlier_norm_threshold"]) == pytest.approx(threshold)
+    assert mc.metrics["eval/fvu"] != mp.metrics["eval/fvu"]  # the reconstruction metrics saw fewer rows
+    assert mc.metrics["eval/ce_loss_spliced"] == pytest.approx(mp.metrics["eval/ce_loss_spliced"])  # CE: every row
