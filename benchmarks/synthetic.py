@@ -14,25 +14,12 @@ from __future__ import annotations
 
 import argparse
 from sae import ARCHITECTURES
-from sae.synthetic import SyntheticActivations, SyntheticConfig, train_synthetic
-
-# Row label → spec. Sparsity settings land near the true L0 (~6) of the default instance; lr tuned for a few
-# thousand steps. top-AFA appears twice: with the reference code's L1 term, and exactly as SPEC 2.6 (no L1).
-DEFAULT_SPECS = {
-    "relu (λ 1)": {"architecture": "relu", "l1_coefficient": 1.0, "lr": 3e-3},
-    "gated (λ 1)": {"architecture": "gated", "l1_coefficient": 1.0, "lr": 3e-3},
-    "jumprelu": {"architecture": "jumprelu", "l0_coefficient": 0.3, "lr": 3e-3},
-    "topk (k 6)": {"architecture": "topk", "k": 6, "lr": 3e-3},
-    "batchtopk (k 6)": {"architecture": "batchtopk", "k": 6, "lr": 3e-3},
-    "topafa (λ₁ 0.3)": {"architecture": "topafa", "l1_coefficient": 0.3, "lr": 3e-3},
-    "topafa (λ₁ 0)": {"architecture": "topafa", "lr": 3e-3},
-    "matryoshka (k 6)": {"architecture": "matryoshka", "k": 6, "lr": 3e-3},
-}
+from sae.synthetic import REFERENCE_SPECS, SyntheticActivations, SyntheticConfig, train_synthetic
 
 
 def default_specs(d_sae: int, only: list[str] | None = None) -> dict[str, dict]:
-    """Row label → spec for every registered architecture (or those in `only`)."""
-    return {label: {**spec, "d_sae": d_sae} for label, spec in DEFAULT_SPECS.items()
+    """Name → spec (sae.synthetic.REFERENCE_SPECS) for every registered architecture (or those in `only`)."""
+    return {name: {**spec, "d_sae": d_sae} for name, spec in REFERENCE_SPECS.items()
             if spec["architecture"] in ARCHITECTURES and (not only or spec["architecture"] in only)}
 
 
@@ -53,10 +40,12 @@ def main() -> None:
     true_l0 = rows[0][1]["true_l0"]
     print(f"synthetic: d={a.d}, {a.features} true features, true L0 {true_l0:.2f}, d_sae={specs[0]['d_sae']}, "
           f"{a.steps} steps × {a.batch_size} rows, {wall:.0f} s for all {len(specs)} SAEs on one stream")
-    print(f"| {'architecture':<17} | {'FVU':>7} | {'L0':>6} | {'dead':>5} | {'MMCS':>6} | {'rec>0.9':>7} | {'γ':>6} |")
+    print(f"| {'architecture':<29} | {'FVU':>7} | {'L0':>6} | {'dead':>5} | {'MMCS':>6} | {'rec>0.9':>7} | {'γ':>6} |")
     print("|" + "---|" * 7)
-    for label, (_, m) in zip(labelled, rows):
-        print(f"| {label:<17} | {m['fvu']:7.4f} | {m['l0']:6.2f} | {m['dead_fraction']:5.2f} | "
+    for name, (spec, m) in zip(labelled, rows):
+        knobs = " ".join(f"{k} {v:g}" for k, v in spec.items() if k not in ("architecture", "lr", "d_sae"))
+        label = f"{name} ({knobs})" if knobs else name
+        print(f"| {label:<29} | {m['fvu']:7.4f} | {m['l0']:6.2f} | {m['dead_fraction']:5.2f} | "
               f"{m['mmcs']:6.3f} | {m['recovered']:7.1%} | {m['shrinkage_gamma']:6.3f} |")
 
 

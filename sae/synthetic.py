@@ -77,6 +77,21 @@ class SyntheticActivations:
             yield self.sample(batch_size, g)
 
 
+# Name → spec: sparsity settings that land near the true L0 (~6) of the default instance (d 64, 128 features), lr
+# tuned for a few thousand steps. Shared by benchmarks/synthetic.py and tests/test_ground_truth.py. top-AFA appears
+# twice: with the reference code's L1 term, and exactly as SPEC 2.6 has it (no L1).
+REFERENCE_SPECS: dict[str, dict] = {
+    "relu": {"architecture": "relu", "l1_coefficient": 1.0, "lr": 3e-3},
+    "gated": {"architecture": "gated", "l1_coefficient": 1.0, "lr": 3e-3},
+    "jumprelu": {"architecture": "jumprelu", "l0_coefficient": 0.3, "lr": 3e-3},
+    "topk": {"architecture": "topk", "k": 6, "lr": 3e-3},
+    "batchtopk": {"architecture": "batchtopk", "k": 6, "lr": 3e-3},
+    "topafa": {"architecture": "topafa", "l1_coefficient": 0.3, "lr": 3e-3},
+    "topafa_no_l1": {"architecture": "topafa", "lr": 3e-3},
+    "matryoshka": {"architecture": "matryoshka", "k": 6, "lr": 3e-3},
+}
+
+
 @torch.no_grad()
 def recovery_metrics(sae: SAE, truth: SyntheticActivations, n_eval: int = 8192, threshold: float = 0.9) -> dict:
     """FVU, L0, dead fraction, shrinkage γ on fresh rows, and how well decoder rows match the true directions.

@@ -29,42 +29,37 @@ def site_from_hook(hook_name: str | None) -> str | None:
     return f"{kind}.{layer}"
 
 
-def sniff_format(directory: str) -> tuple[str, str | None]:
-    """(`checkpoint` | `saelens`, recorded site or None) from a directory's cfg.json shape."""
+def sniff_format(directory: str) -> tuple[str, dict]:
+    """(`checkpoint` | `saelens`, what the SAE records) from a directory's cfg.json shape. The record always has
+    `site` (None when unknown); saeflow checkpoints add their training metadata (input scale, outlier threshold…)."""
     path = os.path.join(directory, "cfg.json")
     if not os.path.exists(path):
         raise SAEReferenceError(f"{directory!r} has no cfg.json: give a saeflow checkpoint or SAELens SAE directory")
     with open(path) as f:
         cfg = json.load(f)
+    meta = cfg.get("metadata") or {}
     if isinstance(cfg.get("sae"), dict) and "d_in" in cfg:  # storage.checkpoints.save_sae
-        return "checkpoint", (cfg.get("metadata") or {}).get("site")
+        return "checkpoint", {**meta, "site": meta.get("site")}
     if "d_in" in cfg and "d_sae" in cfg:  # SAELens: flat config, hook_name under metadata (≥ 6) or top level
-        return "saelens", site_from_hook((cfg.get("metadata") or {}).get("hook_name") or cfg.get("hook_name"))
+        return "saelens", {"site": site_from_hook(meta.get("hook_name") or cfg.get("hook_name"))}
     raise SAEReferenceError(f"{path} is neither a saeflow nor a SAELens SAE config (no d_in/d_sae)")
 
 
-def recorded_metadata(directory: str) -> dict:
-    """The metadata a saeflow checkpoint records (site, input scale, training outlier threshold…); {} otherwise."""
-    with open(os.path.join(directory, "cfg.json")) as f:
-        cfg = json.load(f)
-    return (cfg.get("metadata") or {}) if isinstance(cfg.get("sae"), dict) else {}
-
-
-def locate_sae(ref: str, tracking_uri: str) -> tuple[str, str, str | None]:
-    """(kind, local directory, recorded site) of a reference; registered models are downloaded first."""
+def locate_sae(ref: str, tracking_uri: str) -> tuple[str, str, dict]:
+    """(kind, local directory, what the SAE records — see `sniff_format`) of a reference; registered models are
+    downloaded first."""
     from storage.tracking import pull
 
     if os.path.isdir(ref):
-        kind, site = sniff_format(ref)
-        return kind, ref, site
+        kind, recorded = sniff_format(ref)
+        return kind, ref, recorded
     if os.sep in ref.strip(os.sep).split(os.sep, 1)[-1] or ref.startswith((".", "~", os.sep)):
         raise SAEReferenceError(f"SAE directory {ref!r} does not exist")
     try:
         path = pull(ref, tempfile.mkdtemp(prefix="saeflow-eval-"), tracking_uri)
     except ValueError as e:
         raise SAEReferenceError(f"{ref!r} is not a directory, and {e}") from None
-    _, site = sniff_format(path)
-    return "registry", path, site
+    return "registry", path, sniff_format(path)[1]
 
 
 def load_sae_source(kind: str, path: str, device="cpu") -> SAE:

@@ -13,7 +13,7 @@ from torch import nn
 from sae.base import SAE
 from sae.sites import parse_site, site_module, site_width
 from saeflow.config import PipelineConfig
-from storage.sae_sources import SAEReferenceError, load_sae_source, locate_sae, recorded_metadata
+from storage.sae_sources import SAEReferenceError, load_sae_source, locate_sae
 from tasks.common import loaded_model, run_logger
 
 
@@ -66,9 +66,9 @@ def resolve_sae_reference(cfg: PipelineConfig, ref: str, site: str | None = None
     kind, path, recorded = locate_sae(ref, cfg.tracking_uri)
     lm = loaded_model(cfg)
     sae = load_sae_source(kind, path, "cpu")
-    chosen = check_fit(sae, lm.model, site, recorded)
+    chosen = check_fit(sae, lm.model, site, recorded["site"])
     label = f"{os.path.basename(os.path.normpath(ref)) or ref}-{sae.cfg.architecture}"
-    outlier = recorded_metadata(path).get("outlier_norm_threshold")
+    outlier = recorded.get("outlier_norm_threshold")
     excluded = f"rows with norm > {outlier:.4g} left out as in training" if outlier else "no outlier threshold recorded"
     run_logger().info(f"evaluate: {ref} is a {kind} SAE ({sae.cfg.architecture}, d_sae {sae.d_sae}) at {chosen}; "
                       f"{excluded}")

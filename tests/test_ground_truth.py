@@ -8,19 +8,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sae.synthetic import SyntheticActivations, SyntheticConfig, train_synthetic
+from sae.synthetic import REFERENCE_SPECS, SyntheticActivations, SyntheticConfig, train_synthetic
 
 D, FEATURES, D_SAE, STEPS, BATCH = 64, 128, 256, 1500, 512
-SPECS = {
-    "relu": {"architecture": "relu", "l1_coefficient": 1.0, "lr": 3e-3},
-    "gated": {"architecture": "gated", "l1_coefficient": 1.0, "lr": 3e-3},
-    "jumprelu": {"architecture": "jumprelu", "l0_coefficient": 0.3, "lr": 3e-3},
-    "topk": {"architecture": "topk", "k": 6, "lr": 3e-3},
-    "batchtopk": {"architecture": "batchtopk", "k": 6, "lr": 3e-3},
-    # top-AFA with the reference code's L1 term, and as SPEC 2.6 has it (no L1) for the record.
-    "topafa": {"architecture": "topafa", "l1_coefficient": 0.3, "lr": 3e-3},
-    "topafa_no_l1": {"architecture": "topafa", "lr": 3e-3},
-}
+SPECS = {name: REFERENCE_SPECS[name] for name in
+         ("relu", "gated", "jumprelu", "topk", "batchtopk", "topafa", "topafa_no_l1")}
 
 
 @pytest.fixture(scope="module")
