@@ -1,4 +1,4 @@
-"""sae_pipeline: tokenize → extract → stats → train (per site) → evaluate (per site)."""
+"""sae_pipeline: tokenize → extract → stats → train (per site) → evaluate (per site) → promote → publish."""
 
 from __future__ import annotations
 
@@ -7,11 +7,14 @@ from typing import Any
 from prefect import flow
 
 from saeflow.config import PipelineConfig
+from storage.activations import ActivationStoreRef
+from storage.tokens import TokenStoreRef
 from tasks.evaluate import evaluate_site_saes
 from tasks.extract import extract_activations
+from tasks.promote import promote_site_saes
 from tasks.stats import compute_stats
 from tasks.tokenize import tokenize_dataset
-from tasks.tracking import finish_pipeline_run, log_token_manifest, start_pipeline_run
+from tasks.tracking import finish_pipeline_run, log_token_manifest, publish_results, start_pipeline_run
 from tasks.train import train_site_saes
 
 
@@ -22,28 +25,46 @@ def training_groups(cfg: PipelineConfig) -> list[tuple[str, list]]:
     return [(site, [spec]) for site in cfg.extract.sites for spec in cfg.saes]
 
 
-def run_stages(config: PipelineConfig, run_id: str, results: dict[str, Any]) -> dict[str, Any]:
-    """The pipeline's stages under parent run `run_id`; fills `results` ({site: {sae label: metrics}}) as sites
-    finish, so a failure still leaves what was done. Shared by sae_pipeline and sae_sweep."""
-    tokens = tokenize_dataset(config)
+def train_and_evaluate(config: PipelineConfig, run_id: str, tokens: TokenStoreRef, acts: ActivationStoreRef,
+                       results: dict[str, Any], promotions: dict[str, Any]) -> None:
+    """Stats, then per training group: train → evaluate → promotion gate, under parent run `run_id`. Fills
+    `results` ({site: {label: metrics}}) and `promotions` ({site: {label: decision}}) as sites finish, so a failure
+    still leaves what was done."""
     log_token_manifest(config, run_id, tokens)
-    acts = extract_activations(config, tokens)
     stats = compute_stats(config, acts, run_id)
     for site, specs in training_groups(config):
         trained = train_site_saes(config, acts, stats[site], site, specs, run_id)
-        results.setdefault(site, {}).update(evaluate_site_saes(config, tokens, stats[site], site, trained))
-    return results
+        metrics = evaluate_site_saes(config, tokens, stats[site], site, trained)
+        results.setdefault(site, {}).update(metrics)
+        promotions.setdefault(site, {}).update(promote_site_saes(config, tokens, site, trained, metrics))
 
 
-@flow(name="sae_pipeline", log_prints=True)
-def sae_pipeline(config: PipelineConfig) -> dict[str, Any]:
-    """Text → token windows → activations → normalization stats → trained SAEs → evaluated, registered SAEs."""
-    run_id = start_pipeline_run(config)
+def run_tracked(config: PipelineConfig, flow_name: str, stages, tokens: TokenStoreRef | None = None,
+                acts: ActivationStoreRef | None = None) -> dict[str, Any]:
+    """Open the MLflow parent run, run `stages(run_id, tokens, acts, results, promotions)`, publish the results as
+    Prefect artifacts and close the run (FAILED if a stage raised). Shared by the pipeline, sweep and retrain flows."""
+    run_id = start_pipeline_run(config, flow_name)
     results: dict[str, Any] = {}
+    promotions: dict[str, Any] = {}
+    extra: dict[str, Any] = {}
     try:
-        run_stages(config, run_id, results)
+        tokens = tokens or tokenize_dataset(config)
+        acts = acts or extract_activations(config, tokens)
+        extra = stages(run_id, tokens, acts, results, promotions) or {}
+        url = publish_results(config, run_id, results, promotions)
     except BaseException:
         finish_pipeline_run(config, run_id, results, status="FAILED")
         raise
     finish_pipeline_run(config, run_id, results)
-    return {"run_id": run_id, "metrics": results}
+    return {"run_id": run_id, "mlflow_url": url, "metrics": results, "promotions": promotions, **extra}
+
+
+@flow(name="sae_pipeline", log_prints=True)
+def sae_pipeline(config: PipelineConfig) -> dict[str, Any]:
+    """Text → token windows → activations → normalization stats → trained SAEs → evaluated, registered SAEs, each
+    new version gated against its model's champion."""
+
+    def stages(run_id, tokens, acts, results, promotions):
+        train_and_evaluate(config, run_id, tokens, acts, results, promotions)
+
+    return run_tracked(config, "sae_pipeline", stages)

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 class SAEConfig(BaseModel):
     """Hyperparameters shared by every architecture. Subclasses add their own and fix `architecture`."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
     architecture: str
     """Registered architecture name (see `sae.ARCHITECTURES`)."""

@@ -23,7 +23,7 @@ from sae.base import SAE, SAEConfig, TrainState
 class TrainingConfig(BaseModel):
     """Optimisation settings shared by every SAE trained on one batch stream."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
     batch_size: int = Field(4096, ge=1)
     """Activation rows per optimizer step."""

@@ -1,4 +1,4 @@
-"""The `saeflow` command line: run the pipeline, validate a config, pull a registered SAE."""
+"""The `saeflow` command line: run or serve the flows, validate a config, list, promote and pull registered SAEs."""
 
 from __future__ import annotations
 
@@ -46,7 +46,9 @@ def run(
     for site, per_sae in out["metrics"].items():
         for label, m in per_sae.items():
             ce = f"  CE recovered {m['ce_loss_recovered']:.3f}" if "ce_loss_recovered" in m else ""
-            typer.echo(f"{site:>14}  {label:<24} FVU {m['fvu']:.4f}  L0 {m['l0']:7.1f}{ce}")
+            p = out["promotions"].get(site, {}).get(label)
+            gate = f"  v{p['version']} {'champion' if p['promoted'] else 'challenger'}" if p else ""
+            typer.echo(f"{site:>14}  {label:<24} FVU {m['fvu']:.4f}  L0 {m['l0']:7.1f}{ce}{gate}")
 
 
 @app.command()
@@ -124,6 +126,125 @@ def pull(
     except ValueError as e:
         _fail(str(e))
     typer.echo(path)
+
+
+def _prefect_api_or_fail() -> str:
+    """The Prefect API URL serve/deploy register with; fails with one line when none is set or it is down."""
+    from prefect.settings import PREFECT_API_URL
+
+    url = PREFECT_API_URL.value()
+    if not url:
+        _fail("no Prefect API is configured: start one with `prefect server start` and run "
+              "`prefect config set PREFECT_API_URL=http://127.0.0.1:4200/api`")
+    import httpx
+
+    try:
+        httpx.get(url.rstrip("/") + "/health", timeout=10).raise_for_status()
+    except httpx.HTTPError as e:
+        _fail(f"the Prefect API at {url} does not answer ({type(e).__name__}): start it with `prefect server start`")
+    return url
+
+
+def _describe_deployments(cfg, url: str) -> None:
+    from flows.deployments import NIGHTLY, next_nightly_run
+
+    r = cfg.retrain
+    typer.echo(f"Prefect API {url}: deployments sae_pipeline/{cfg.name}, sae_sweep/{cfg.name}, "
+               f"evaluate_sae/{cfg.name}, sae_retrain/{NIGHTLY}")
+    typer.echo(f"sae_retrain/{NIGHTLY}: cron '{r.cron}' ({r.timezone}); next run "
+               f"{next_nightly_run(cfg):%Y-%m-%d %H:%M %Z}; when nothing changed: {r.when_unchanged}")
+
+
+@app.command()
+def serve(
+    config: str = typer.Argument(DEFAULT_CONFIG, help="YAML config whose values are the run forms' defaults."),
+    set_: list[str] = typer.Option([], "--set", "-s", help="Override a key: --set retrain.cron='0 3 * * *'"),
+    limit: int = typer.Option(1, help="Flow runs executed at the same time by this process."),
+) -> None:
+    """Serve the flows (Prefect `serve`, no work pool): start runs from the UI; sae_retrain runs nightly."""
+    cfg = _config(config, set_)
+    url = _prefect_api_or_fail()
+    from prefect import serve as prefect_serve
+
+    from flows.deployments import build_deployments
+
+    deployments = build_deployments(cfg)
+    _describe_deployments(cfg, url)
+    prefect_serve(*deployments, limit=limit)
+
+
+@app.command()
+def deploy(
+    config: str = typer.Argument(DEFAULT_CONFIG, help="YAML config whose values are the run forms' defaults."),
+    pool: str = typer.Option(..., "--pool", help="Work pool whose workers run the flows (`prefect work-pool ls`)."),
+    source: str = typer.Option(None, help="Where workers get the code: a directory or git URL; default this "
+                                          "checkout."),
+    set_: list[str] = typer.Option([], "--set", "-s", help="Override a key."),
+) -> None:
+    """Register the deployments with a work pool; start workers with `prefect worker start --pool NAME`."""
+    cfg = _config(config, set_)
+    url = _prefect_api_or_fail()
+    from prefect import deploy as prefect_deploy
+    from prefect.client.orchestration import get_client
+
+    from flows.deployments import REPO_ROOT, build_deployments
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_work_pool(pool)
+        except Exception:
+            _fail(f"work pool {pool!r} does not exist: create it with `prefect work-pool create {pool} --type "
+                  "process` (or list them with `prefect work-pool ls`)")
+    ids = prefect_deploy(*build_deployments(cfg, source or REPO_ROOT), work_pool_name=pool, build=False,
+                         push=False, print_next_steps_message=False)
+    _describe_deployments(cfg, url)
+    typer.echo(f"{len(ids)} deployments in work pool {pool!r}; run them with: prefect worker start --pool {pool}")
+
+
+def _tracker(tracking_uri: str | None, experiment: str = "saeflow"):
+    from storage.tracking import Tracker
+
+    return Tracker(tracking_uri or saeflow.default_tracking_uri(), experiment)
+
+
+@app.command()
+def models(
+    pattern: str = typer.Argument("*", help="Glob over registered model names, e.g. '*resid_post.15*'."),
+    tracking_uri: str = typer.Option(None, help="MLflow URI; default $MLFLOW_TRACKING_URI or ./saeflow-data."),
+) -> None:
+    """List registered SAEs: versions, aliases, held-out metrics and the promotion gate's decision."""
+    from storage.registry import list_versions
+
+    rows = list_versions(_tracker(tracking_uri), pattern)
+    if not rows:
+        typer.echo(f"no registered model matches {pattern!r}")
+        return
+
+    def f(m: dict, k: str) -> str:
+        return f"{m[k]:.4g}" if k in m else "–"
+
+    typer.echo(f"{'model':<44} {'ver':>4} {'aliases':<28} {'L0':>7} {'FVU':>7} {'CE rec':>7} {'dead':>6}  decision")
+    for r in rows:
+        typer.echo(f"{r.name:<44} {r.version:>4} {','.join(r.aliases):<28} {f(r.metrics, 'l0'):>7} "
+                   f"{f(r.metrics, 'fvu'):>7} {f(r.metrics, 'ce_loss_recovered'):>7} "
+                   f"{f(r.metrics, 'dead_fraction'):>6}  {r.decision}")
+
+
+@app.command()
+def promote(
+    name: str = typer.Argument(..., help="Registered model name (`saeflow models` lists them)."),
+    version: str = typer.Argument(..., help="Version to point the alias at."),
+    alias: str = typer.Option("champion", help="Alias to move."),
+    tracking_uri: str = typer.Option(None, help="MLflow URI; default $MLFLOW_TRACKING_URI or ./saeflow-data."),
+) -> None:
+    """Move an alias (default champion) to a version by hand; the override is recorded on the version."""
+    from storage.registry import RegistryError, promote_manually
+
+    try:
+        before = promote_manually(_tracker(tracking_uri), name, version, alias)
+    except RegistryError as e:
+        _fail(str(e))
+    typer.echo(f"{name}@{alias} -> v{version}" + (f" (was v{before})" if before else ""))
 
 
 def main() -> None:  # pragma: no cover

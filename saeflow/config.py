@@ -5,8 +5,10 @@ Unknown keys and invalid values are rejected with one line naming the key and th
 
 from __future__ import annotations
 
+import datetime
 import itertools
 import os
+import zoneinfo
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
@@ -19,7 +21,8 @@ from sae.training import TrainingConfig
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # Attribute docstrings become the JSON schema's descriptions: the Prefect UI's run form shows them.
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
 
 class ModelConfig(Strict):
@@ -41,7 +44,11 @@ class DatasetConfig(Strict):
     subset: str | None = None
     """Hub dataset configuration name."""
     split: str = "train"
+    """Split of a Hub dataset to read."""
+    revision: str | None = None
+    """Hub dataset revision (branch, tag or commit); None = the newest, whose commit keys the token store."""
     text_field: str = "text"
+    """Column (or JSON key) holding the text."""
 
 
 class TokensConfig(Strict):
@@ -123,13 +130,67 @@ class TrackingConfig(Strict):
     uri: str | None = None
     """MLflow tracking + registry URI; None = $MLFLOW_TRACKING_URI or a SQLite file under `root`."""
     experiment: str = "saeflow"
+    """MLflow experiment the runs go to (created in MLflow's classic training view)."""
+    ui_url: str | None = None
+    """MLflow UI base URL the Prefect link artifacts point at; None = the tracking URI when it is http(s), else
+    http://127.0.0.1:5000 (what `mlflow ui --backend-store-uri <tracking URI>` serves)."""
     registered_model_prefix: str = "saeflow."
     """Registered model names are `<prefix><model>.<site>.<architecture>`."""
     alias: str | None = "current"
-    """Alias pointed at each newly registered version; None sets none."""
+    """Alias pointed at each newly registered version ("newest"); None sets none. `challenger` and `champion` are
+    set by the promotion gate (`promotion`)."""
 
     def resolved_uri(self, root: str) -> str:
         return self.uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{os.path.abspath(root)}/mlflow.db"
+
+    def resolved_ui_url(self, tracking_uri: str) -> str:
+        if self.ui_url:
+            return self.ui_url.rstrip("/")
+        return tracking_uri.rstrip("/") if tracking_uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+
+
+class PromotionConfig(Strict):
+    """The gate between `challenger` (every new version) and `champion` (the version users pull)."""
+
+    metric: Literal["auto", "ce_loss_recovered", "fvu"] = "auto"
+    """Metric compared on the same held-out tokens: auto = CE loss recovered vs mean ablation for models with an LM
+    head, FVU otherwise."""
+    margin: float = Field(0.001, ge=0)
+    """The challenger must beat the champion by at least this much (CE recovered higher, FVU lower)."""
+    max_l0_factor: float = Field(1.1, gt=0)
+    """…at an L0 no more than this factor times the champion's."""
+
+
+class RetrainConfig(Strict):
+    """The `nightly` deployment of sae_retrain (`saeflow serve`)."""
+
+    cron: str = "0 2 * * *"
+    """Cron schedule of the nightly retraining (minute hour day month weekday)."""
+    timezone: str = "UTC"
+    """IANA time zone the cron schedule is read in, e.g. Europe/Berlin."""
+    when_unchanged: Literal["skip", "new_seed"] = "skip"
+    """When neither the data nor the SAE/training config changed since the champion: skip the run, or retrain with
+    a new seed (train.seed + the number of versions already registered) and let the gate decide."""
+
+    @field_validator("cron")
+    @classmethod
+    def _check_cron(cls, v: str) -> str:
+        from cronsim import CronSim, CronSimError
+
+        try:
+            CronSim(v, datetime.datetime(2000, 1, 1))
+        except CronSimError as e:
+            raise ValueError(f"bad cron expression {v!r} ({e}); e.g. '0 2 * * *' is 02:00 daily") from None
+        return v
+
+    @field_validator("timezone")
+    @classmethod
+    def _check_timezone(cls, v: str) -> str:
+        try:
+            zoneinfo.ZoneInfo(v)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {v!r}: give an IANA name such as UTC or Europe/Berlin") from None
+        return v
 
 
 def _sae_union():
@@ -223,15 +284,27 @@ class PipelineConfig(Strict):
     store: str | None = None
     """Zarr store root (local path or fsspec URL); None = `<root>/store`."""
     model: ModelConfig = Field(default_factory=ModelConfig)
+    """The language model whose activations the SAEs learn."""
     dataset: DatasetConfig = Field(default_factory=DatasetConfig)
+    """The text the token windows are cut from."""
     tokens: TokensConfig = Field(default_factory=TokensConfig)
+    """Window length and the train / held-out eval token budgets."""
     extract: ExtractConfig = Field(default_factory=ExtractConfig)
+    """Sites captured and how the activation store is chunked."""
     stats: StatsConfig = Field(default_factory=StatsConfig)
+    """Normalization statistics (computed with Dask) and outlier removal."""
     saes: list[SAESpec] = Field(default_factory=lambda: [sae.TopKConfig(k=32), sae.ReLUConfig()])  # type: ignore[valid-type]
     """SAE specs: each has `architecture` plus that architecture's hyperparameters."""
     train: TrainConfig = Field(default_factory=TrainConfig)
+    """Optimisation settings shared by the SAEs of one site."""
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    """Held-out evaluation: spliced CE/KL, AFA measures, latent report."""
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    """MLflow tracking server, experiment and registry names."""
+    promotion: PromotionConfig = Field(default_factory=PromotionConfig)
+    """When a new version (challenger) replaces the champion."""
+    retrain: RetrainConfig = Field(default_factory=RetrainConfig)
+    """Schedule and policy of the nightly retraining."""
     sweep: SweepConfig | None = None
     """A grid of SAEs for `saeflow sweep`; when given, `saes` is that grid (listing `saes` as well is an error)."""
 

@@ -52,7 +52,32 @@ def looks_local(source: str) -> bool:
     return source.startswith((".", "/", "~")) or any(source.endswith(ext) for ext in _FORMATS) or "*" in source
 
 
-def load_texts(source: str, text_field: str = "text", split: str = "train", subset: str | None = None) -> Iterator[str]:
+def dataset_fingerprint(source: str, revision: str | None = None) -> str:
+    """What the text of `source` is, now: local files by their names, sizes and content (sha256), a Hub dataset
+    by its resolved commit (the named `revision` when the Hub cannot be reached), the Python docs by the Python
+    version. Keys the token store, so grown or edited data gets new stores and unchanged data reuses them."""
+    import hashlib
+    import platform
+
+    if source == PYTHON_DOCS:
+        return f"python-docs:{platform.python_version()}"
+    if looks_local(source) or os.path.exists(os.path.expanduser(source)):
+        digest = hashlib.sha256()
+        for path in _local_files(source):
+            digest.update(f"{os.path.basename(path)}:{os.path.getsize(path)}:".encode())
+            with open(path, "rb") as f:
+                digest.update(hashlib.file_digest(f, "sha256").digest())
+        return f"files:{digest.hexdigest()}"
+    try:
+        from huggingface_hub import HfApi
+
+        return f"hub:{HfApi().dataset_info(source, revision=revision).sha}"
+    except Exception:  # offline or unknown: the name and revision are all that is known
+        return f"hub:{source}@{revision or 'main'}"
+
+
+def load_texts(source: str, text_field: str = "text", split: str = "train", subset: str | None = None,
+               revision: str | None = None) -> Iterator[str]:
     """Iterate the documents of `source` as strings."""
     import datasets
 
@@ -70,7 +95,7 @@ def load_texts(source: str, text_field: str = "text", split: str = "train", subs
         ds = datasets.load_dataset(fmt, data_files=files, split="train", streaming=True)
     else:
         try:
-            ds = datasets.load_dataset(source, subset, split=split, streaming=True)
+            ds = datasets.load_dataset(source, subset, split=split, streaming=True, revision=revision)
         except Exception as e:
             raise RuntimeError(
                 f"cannot open Hub dataset {source!r} ({type(e).__name__}: {str(e).splitlines()[0][:200]}): "

@@ -117,6 +117,11 @@ def read_windows(ref: TokenStoreRef, split: str, start: int = 0, stop: int | Non
     return np.asarray(arr[base + start : base + stop])
 
 
+def eval_split_hash(ref: TokenStoreRef) -> str:
+    """sha256 of the held-out windows: two SAEs scored on stores with the same hash saw the same eval tokens."""
+    return hashlib.sha256(read_windows(ref, "eval").astype(np.int32).tobytes()).hexdigest()
+
+
 def iter_window_batches(ref: TokenStoreRef, split: str, batch_size: int, start: int = 0):
     """Yield (first window index, LongTensor [B, T]) batches of one split, from window `start` on."""
     n = ref.n_train if split == "train" else ref.n_eval

@@ -6,6 +6,7 @@ worker threads log to the right run.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -17,6 +18,13 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 
 MAX_PARAM_LEN = 6000
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+CLASSIC_TRAINING = "custom_model_development"
+"""MLflow 3 opens experiments of this kind in its training view (runs, metrics, models), not its GenAI overview."""
+MODEL_URI_TAG = "saeflow.model_uri"
+"""Run tag naming the run's logged SAE model (`models:/m-…`)."""
+SAE_MODEL_CODE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "mlflow_sae_model.py")
+SAE_LIBRARY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "sae")
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
@@ -44,6 +52,8 @@ class Tracker:
                 self.experiment_id = self.client.get_experiment_by_name(experiment).experiment_id
         else:
             self.experiment_id = exp.experiment_id
+        if exp is None or exp.tags.get(EXPERIMENT_KIND_TAG) != CLASSIC_TRAINING:
+            self.client.set_experiment_tag(self.experiment_id, EXPERIMENT_KIND_TAG, CLASSIC_TRAINING)
 
     # ----- runs --------------------------------------------------------------------------------------------
     def start_run(self, name: str, parent_run_id: str | None = None, tags: dict[str, str] | None = None) -> str:
@@ -88,29 +98,90 @@ class Tracker:
         return self.client.download_artifacts(run_id, artifact_path, dst)
 
     def load_logged_sae(self, run_id: str, device="cpu"):
-        """The SAE checkpoint logged under `sae/` on a run, loaded as a module (the download is temporary)."""
+        """The SAE logged on a run (its MLflow model, or a raw `sae/` checkpoint), loaded as a module."""
+        import mlflow
+
         from storage.checkpoints import load_sae
 
+        model_uri = self.client.get_run(run_id).data.tags.get(MODEL_URI_TAG)
         with tempfile.TemporaryDirectory() as tmp:
-            return load_sae(self.download(run_id, "sae", tmp), device)
+            if model_uri is None:
+                return load_sae(self.download(run_id, "sae", tmp), device)
+            self._use_globally()
+            return load_sae(checkpoint_dir(mlflow.artifacts.download_artifacts(model_uri, dst_path=tmp)), device)
+
+    def _use_globally(self) -> None:
+        """MLflow's model logging and `models:/` downloads read the process-wide URIs, not a client's."""
+        import mlflow
+
+        mlflow.set_tracking_uri(self.tracking_uri)
+        mlflow.set_registry_uri(self.tracking_uri)
+
+    def log_sae_model(self, run_id: str, checkpoint: str, d_in: int, d_sae: int,
+                      tags: dict[str, str] | None = None) -> tuple[str, str]:
+        """Log the checkpoint directory as the run's MLflow pyfunc model (models from code, weights as safetensors,
+        the `sae` library as its code); returns (model URI, model id)."""
+        import numpy as np
+        import torch
+        from mlflow.models import Model, ModelSignature
+        from mlflow.types import ParamSchema, ParamSpec, Schema, TensorSpec
+
+        import mlflow.pyfunc
+
+        signature = ModelSignature(  # unnamed tensors: predict takes and returns plain arrays
+            inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, d_in))]),
+            outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, d_sae))]),
+            params=ParamSchema([ParamSpec("output", "string", "codes")]),
+        )
+        self._use_globally()
+        # Created here, in the run's experiment: Model.log would put it in the process's active experiment.
+        logged = self.client.create_logged_model(self.experiment_id, name="sae_model", source_run_id=run_id,
+                                                 model_type="sparse-autoencoder", tags=tags)
+        info = Model.log(
+            artifact_path=None, name="sae_model", flavor=mlflow.pyfunc, run_id=run_id, model_id=logged.model_id, python_model=SAE_MODEL_CODE,
+            artifacts={"sae": checkpoint}, code_paths=[SAE_LIBRARY], signature=signature,
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "safetensors", "pydantic>=2", "numpy",
+                              "mlflow"],
+            metadata={"saeflow_checkpoint": "artifacts/sae"},
+        )
+        self.set_tags(run_id, {MODEL_URI_TAG: info.model_uri})
+        return info.model_uri, info.model_id
+
+    def log_dataset(self, run_id: str, name: str, uri: str, digest: str, profile: dict[str, Any],
+                    context: str = "train") -> None:
+        """Record a store on the run as an MLflow dataset input (Datasets column, run page): name, digest, source."""
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        source = json.dumps({"uri": uri if "://" in uri else "file://" + uri})
+        entity = Dataset(name, digest[:36], "http", source, profile=json.dumps(profile, default=str))
+        self.client.log_inputs(run_id, [DatasetInput(entity, [InputTag("mlflow.data.context", context)])])
 
     def artifact_uri(self, run_id: str, path: str) -> str:
         return f"{self.client.get_run(run_id).info.artifact_uri.rstrip('/')}/{path}"
 
     # ----- registry ----------------------------------------------------------------------------------------
-    def register(self, name: str, run_id: str, artifact_path: str, tags: dict[str, Any], description: str = "") -> str:
-        """New version of registered model `name` pointing at the run's artifacts; returns the version."""
+    def register(self, name: str, run_id: str, artifact_path: str, tags: dict[str, Any], description: str = "",
+                 model_id: str | None = None, model_tags: dict[str, Any] | None = None,
+                 model_description: str | None = None) -> str:
+        """New version of registered model `name` pointing at the run's artifact `artifact_path` (or at the logged
+        model `model_id`, whose URI `artifact_path` then is); returns the version."""
         try:
-            self.client.create_registered_model(name, description=description)
+            self.client.create_registered_model(name, description=model_description or description)
         except MlflowException as e:
             if "RESOURCE_ALREADY_EXISTS" not in str(e.error_code):
                 raise
+            if model_description:
+                self.client.update_registered_model(name, description=model_description)
+        for k, v in (model_tags or {}).items():
+            self.client.set_registered_model_tag(name, k, str(v))
+        source = artifact_path if model_id else self.artifact_uri(run_id, artifact_path)
         mv = self.client.create_model_version(
             name,
-            source=self.artifact_uri(run_id, artifact_path),
+            source=source,
             run_id=run_id,
             tags={k: str(v) for k, v in tags.items()},
             description=description,
+            model_id=model_id,
         )
         return str(mv.version)
 
@@ -138,22 +209,29 @@ def model_uri(ref: str) -> str:
     return f"models:/{m['name']}/{m['version'] or 'latest'}"
 
 
+def checkpoint_dir(downloaded: str) -> str:
+    """The safetensors + cfg.json directory inside a downloaded SAE: an MLflow model keeps it as its `sae`
+    artifact; versions registered before SAEs were MLflow models are the checkpoint itself."""
+    inner = os.path.join(downloaded, "artifacts", "sae")
+    return inner if os.path.exists(os.path.join(downloaded, "MLmodel")) and os.path.isdir(inner) else downloaded
+
+
 def pull(ref: str, dst: str, tracking_uri: str) -> str:
-    """Download registered SAE `ref` into `dst`; returns the checkpoint directory."""
+    """Download registered SAE `ref` into `dst`; returns the checkpoint directory (safetensors + cfg.json)."""
     import mlflow
 
     mlflow.set_tracking_uri(tracking_uri)
     mlflow.set_registry_uri(tracking_uri)
     os.makedirs(dst, exist_ok=True)
     try:
-        return mlflow.artifacts.download_artifacts(artifact_uri=model_uri(ref), dst_path=dst)
+        return checkpoint_dir(mlflow.artifacts.download_artifacts(artifact_uri=model_uri(ref), dst_path=dst))
     except MlflowException as e:
         raise ValueError(f"cannot pull {ref!r} from {tracking_uri}: {e.message.splitlines()[0]}") from e
 
 
 def open_sae_runs(
     tr: Tracker, site: str, specs: list, parent_run_id: str, params: dict[str, Any],
-    ckpt,
+    ckpt, tags: dict[str, str] | None = None,
 ) -> list[str]:
     """One nested MLflow run per SAE. A resumed group continues the runs its checkpoint names, moved under the
     current parent run; if those are gone it starts new ones and replays the checkpoint's metric history."""
@@ -167,12 +245,15 @@ def open_sae_runs(
         if alive:
             for run_id in runs:
                 tr.client.update_run(run_id, status="RUNNING")
-                tr.set_tags(run_id, {"mlflow.parentRunId": parent_run_id, "resumed_at_tokens": ckpt.tokens_seen})
+                tr.set_tags(run_id, {"mlflow.parentRunId": parent_run_id, "resumed_at_tokens": ckpt.tokens_seen,
+                                     **(tags or {})})
             return runs
     runs = []
     for spec in specs:
-        tags = {"site": site, "architecture": spec.architecture}
-        run_id = tr.start_run(f"{site}/{spec.label()}", parent_run_id, tags)
+        run_tags = {"site": site, "architecture": spec.architecture, **(tags or {})}
+        if code_version():
+            run_tags["mlflow.source.git.commit"] = code_version()
+        run_id = tr.start_run(f"{site}/{spec.label()}", parent_run_id, run_tags)
         tr.log_params(run_id, {"sae": spec.model_dump(), **params})
         runs.append(run_id)
     for run_id, hist in zip(runs, ckpt.extra["history"] if ckpt else []):
@@ -183,22 +264,42 @@ def open_sae_runs(
 
 def publish_sae(
     tr: Tracker, run_id: str, sae, metadata: dict[str, Any], name: str, tags: dict[str, Any],
-    alias: str | None, curves=None, description: str = "",
+    alias: str | None, curves=None, description: str = "", model_tags: dict[str, Any] | None = None,
+    model_description: str | None = None,
 ) -> str:
-    """Log the SAE checkpoint (and its training-curves figure) on its run, register it as a new version of `name`,
-    point `alias` at it, and tag the run with the version. Returns the version."""
+    """Log the SAE as its run's MLflow model (and its training-curves figure), register it as a new version of
+    `name` with `tags`, point `alias` at it, and tag the run with the version. Returns the version."""
     from storage.checkpoints import save_sae
 
     with tempfile.TemporaryDirectory() as tmp:
-        save_sae(sae, os.path.join(tmp, "sae"), metadata)
-        tr.log_artifacts(run_id, os.path.join(tmp, "sae"), "sae")
+        ckpt = save_sae(sae, os.path.join(tmp, "sae"), metadata)
+        uri, model_id = tr.log_sae_model(run_id, ckpt, sae.d_in, sae.d_sae,
+                                         {k: str(v) for k, v in tags.items() if k in ("site", "architecture")})
     if curves is not None:
         tr.client.log_figure(run_id, curves, "plots/training_curves.png")
-    version = tr.register(name, run_id, "sae", tags, description=description)
+    version = tr.register(name, run_id, uri, {"d_in": sae.d_in, "d_sae": sae.d_sae, **tags}, description=description,
+                          model_id=model_id, model_tags=model_tags, model_description=model_description)
     if alias:
         tr.set_alias(name, alias, version)
     tr.set_tags(run_id, {"registered_model": name, "registered_version": version})
     return version
+
+
+@functools.lru_cache(maxsize=1)
+def code_version() -> str | None:
+    """The git commit saeflow runs from (with `-dirty` when the tree has changes), None outside a git checkout."""
+    import subprocess
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
+        if commit.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit.stdout.strip() + ("-dirty" if dirty else "")
 
 
 def log_evaluation(

@@ -12,9 +12,16 @@ from prefect.exceptions import MissingContextError
 from sae.models import LoadedModel, load_model
 from saeflow.config import PipelineConfig
 from storage.model_files import resolve_model_source
+from storage.text import dataset_fingerprint
 from storage.tokens import TokenStoreRef
 from storage.tracking import Tracker
 from storage.zarr_io import config_hash, join
+
+
+TRACKING_RETRIES = {"retries": 3, "retry_delay_seconds": [2, 10, 30], "timeout_seconds": 300}
+"""Task options for steps that only talk to the tracking server: a server blip is retried, a hang is cut off."""
+DOWNLOAD_RETRIES = {"retries": 2, "retry_delay_seconds": [10, 60]}
+"""Task options for steps that may download (model weights, a Hub dataset): transient network errors retry."""
 
 
 def run_logger() -> logging.Logger | logging.LoggerAdapter:
@@ -31,8 +38,10 @@ def model_identity(cfg: PipelineConfig) -> dict:
 
 
 def token_store_url(cfg: PipelineConfig) -> tuple[str, dict]:
+    d = cfg.dataset
     identity = {
-        "dataset": cfg.dataset.model_dump(),
+        "dataset": d.model_dump(),
+        "data": dataset_fingerprint(d.source, d.revision),
         "tokenizer": {k: v for k, v in model_identity(cfg).items() if k != "dtype"},
         "context_size": cfg.tokens.context_size,
         "prepend_bos": cfg.tokens.prepend_bos,
@@ -52,6 +61,16 @@ def activation_store_url(cfg: PipelineConfig, tokens: TokenStoreRef) -> tuple[st
         "positions": "1..T-1",
     }
     return join(cfg.store_url, "activations", config_hash(identity)), identity
+
+
+def prefect_run_tags() -> dict[str, str]:
+    """MLflow run tags linking back to the Prefect flow run this code runs in (none outside a flow run)."""
+    from prefect.runtime import flow_run
+
+    if not flow_run.id:
+        return {}
+    return {"prefect.flow_run_id": flow_run.id, "prefect.flow_run_name": flow_run.name or "",
+            "prefect.flow_run_url": flow_run.ui_url or "", "prefect.flow_name": flow_run.flow_name or ""}
 
 
 def tracker(cfg: PipelineConfig) -> Tracker:

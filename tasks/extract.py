@@ -12,10 +12,10 @@ from sae.sites import run_to_sites, site_width
 from saeflow.config import PipelineConfig
 from storage.activations import ActivationStoreRef, ActivationWriter, open_activation_store
 from storage.tokens import TokenStoreRef, iter_window_batches
-from tasks.common import activation_store_url, loaded_model, model_identity, run_logger
+from tasks.common import DOWNLOAD_RETRIES, activation_store_url, loaded_model, model_identity, run_logger
 
 
-@task(name="extract", cache_policy=NO_CACHE)
+@task(name="extract", cache_policy=NO_CACHE, **DOWNLOAD_RETRIES)  # resumable: a retry continues
 def extract_activations(
     cfg: PipelineConfig, tokens: TokenStoreRef, on_chunk: Callable[[int], None] | None = None
 ) -> ActivationStoreRef:

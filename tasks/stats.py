@@ -11,7 +11,7 @@ from storage.stats import compute_site_stats, dask_client, load_site_stats, save
 from tasks.common import run_logger, tracker
 
 
-@task(name="stats", cache_policy=NO_CACHE)
+@task(name="stats", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=10)  # a Dask cluster that failed to start
 def compute_stats(cfg: PipelineConfig, acts: ActivationStoreRef, parent_run_id: str) -> dict[str, dict[str, Any]]:
     """Per-site mean, variance, norms, normalization scale and outliers with Dask; stored with the array."""
     log = run_logger()

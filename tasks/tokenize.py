@@ -7,10 +7,10 @@ from sae.tokenize import pack_windows
 from saeflow.config import PipelineConfig
 from storage.text import load_texts
 from storage.tokens import TokenStoreRef, open_token_store, write_token_store
-from tasks.common import loaded_model, run_logger, token_store_url
+from tasks.common import DOWNLOAD_RETRIES, loaded_model, run_logger, token_store_url
 
 
-@task(name="tokenize", cache_policy=NO_CACHE)
+@task(name="tokenize", cache_policy=NO_CACHE, **DOWNLOAD_RETRIES)
 def tokenize_dataset(cfg: PipelineConfig) -> TokenStoreRef:
     """Text → fixed-length BOS-led token windows in a Zarr store; reuses a finished store with the same identity."""
     log = run_logger()
@@ -21,7 +21,8 @@ def tokenize_dataset(cfg: PipelineConfig) -> TokenStoreRef:
     tok = loaded_model(cfg).tokenizer
     t = cfg.tokens
     n_train, n_eval = identity["n_train"], identity["n_eval"]
-    texts = load_texts(cfg.dataset.source, cfg.dataset.text_field, cfg.dataset.split, cfg.dataset.subset)
+    d = cfg.dataset
+    texts = load_texts(d.source, d.text_field, d.split, d.subset, d.revision)
     windows = pack_windows(texts, tok, t.context_size, t.prepend_bos, max_windows=n_train + n_eval)
 
     def progress(done: int, total: int) -> None:

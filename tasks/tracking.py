@@ -8,14 +8,18 @@ from prefect.cache_policies import NO_CACHE
 
 from saeflow.config import PipelineConfig
 from storage.tokens import TokenStoreRef
-from tasks.common import run_logger, tracker
+from storage.tracking import code_version
+from tasks.common import TRACKING_RETRIES, prefect_run_tags, run_logger, tracker
 
 
-@task(name="start-mlflow-run", cache_policy=NO_CACHE)
+@task(name="start-mlflow-run", cache_policy=NO_CACHE, **TRACKING_RETRIES)
 def start_pipeline_run(cfg: PipelineConfig, flow_name: str = "sae_pipeline") -> str:
     """Open the parent MLflow run and record the resolved config on it."""
     tr = tracker(cfg)
-    run_id = tr.start_run(cfg.name, tags={"saeflow.flow": flow_name, "model": cfg.model.name})
+    tags = {"saeflow.flow": flow_name, "model": cfg.model.name, **prefect_run_tags()}
+    if code_version():
+        tags["mlflow.source.git.commit"] = code_version()
+    run_id = tr.start_run(cfg.name, tags=tags)
     dumped = cfg.model_dump(mode="json")
     tr.log_params(run_id, {k: v for k, v in dumped.items() if k != "saes"})
     tr.log_params(run_id, {"saes": [s.label() for s in cfg.saes]})
@@ -24,14 +28,63 @@ def start_pipeline_run(cfg: PipelineConfig, flow_name: str = "sae_pipeline") -> 
     return run_id
 
 
-@task(name="log-token-manifest", cache_policy=NO_CACHE)
+@task(name="log-token-manifest", cache_policy=NO_CACHE, **TRACKING_RETRIES)
 def log_token_manifest(cfg: PipelineConfig, run_id: str, tokens: TokenStoreRef) -> None:
-    tracker(cfg).log_dict(run_id, tokens.manifest(), "manifests/tokens.json")
+    """The token store's manifest as an artifact and as the run's MLflow dataset input."""
+    tr = tracker(cfg)
+    manifest = tokens.manifest()
+    tr.log_dict(run_id, manifest, "manifests/tokens.json")
+    tr.log_dataset(run_id, f"tokens-{tokens.content_hash[:12]}", tokens.url, tokens.content_hash,
+                   {k: manifest[k] for k in ("shape", "n_train_windows", "n_eval_windows", "producing_config")})
 
 
-@task(name="finish-mlflow-run", cache_policy=NO_CACHE)
+@task(name="finish-mlflow-run", cache_policy=NO_CACHE, **TRACKING_RETRIES)
 def finish_pipeline_run(cfg: PipelineConfig, run_id: str, results: dict[str, Any], status: str = "FINISHED") -> None:
     tr = tracker(cfg)
     if results:
         tr.log_dict(run_id, results, "eval/summary.json")
     tr.end_run(run_id, status)
+
+
+def _fmt(m: dict[str, Any], key: str) -> str:
+    return f"{m[key]:.4g}" if m.get(key) is not None else "–"
+
+
+def results_markdown(cfg: PipelineConfig, run_url: str, results: dict[str, Any], promotions: dict[str, Any]) -> str:
+    """The flow run's outcome as a table: per SAE the held-out metrics and the promotion gate's decision."""
+    lines = [f"## {cfg.name}: {cfg.model.name}", "", f"MLflow parent run: [{run_url}]({run_url})", "",
+             "| site | SAE | registered | L0 | FVU | CE recovered | KL | dead | promotion |",
+             "|---|---|---|---:|---:|---:|---:|---:|---|"]
+    for site, per_sae in results.items():
+        for label, m in per_sae.items():
+            p = promotions.get(site, {}).get(label)
+            registered = f"{p['name']} v{p['version']}" if p else "–"
+            if p is None:
+                verdict = "–"
+            elif p["promoted"]:
+                verdict = "**champion**" + (f" (was v{p['champion_version']})" if p["champion_version"] else " (first)")
+            else:
+                verdict = f"challenger: {p['reason']}"
+            lines.append(f"| {site} | {label} | {registered} | {_fmt(m, 'l0')} | {_fmt(m, 'fvu')} | "
+                         f"{_fmt(m, 'ce_loss_recovered')} | {_fmt(m, 'kl_div')} | {_fmt(m, 'dead_fraction')} | "
+                         f"{verdict} |")
+    return "\n".join(lines) + "\n"
+
+
+@task(name="publish-results", cache_policy=NO_CACHE, **TRACKING_RETRIES)
+def publish_results(cfg: PipelineConfig, run_id: str, results: dict[str, Any], promotions: dict[str, Any]) -> str:
+    """Prefect artifacts of the flow run: the results table (markdown) and a link to the MLflow parent run; the
+    table is logged to the MLflow run too. Returns the MLflow run's URL."""
+    from prefect.artifacts import create_link_artifact, create_markdown_artifact
+
+    tr = tracker(cfg)
+    url = f"{cfg.tracking.resolved_ui_url(tr.tracking_uri)}/#/experiments/{tr.experiment_id}/runs/{run_id}"
+    markdown = results_markdown(cfg, url, results, promotions)
+    create_link_artifact(url, link_text=f"MLflow run {run_id}", key="mlflow-run",
+                         description="The MLflow parent run of this flow run (nested runs per SAE under it)")
+    create_markdown_artifact(markdown, key="sae-results", description="Held-out metrics and promotion decisions")
+    tr.client.log_text(run_id, markdown, "eval/results.md")
+    if promotions:
+        tr.log_dict(run_id, promotions, "eval/promotions.json")
+    run_logger().info("results:\n" + markdown)
+    return url

@@ -21,9 +21,30 @@ from sae.training import (
 from saeflow.config import PipelineConfig
 from storage.activations import ActivationStoreRef, iter_training_batches, sample_rows, training_buffer_bytes
 from storage.checkpoints import clear_training_state, load_training_state, save_training_state
-from storage.tracking import open_sae_runs, publish_sae, registered_model_name
+from storage.registry import CHALLENGER
+from storage.tracking import code_version, open_sae_runs, publish_sae, registered_model_name
 from storage.zarr_io import config_hash
-from tasks.common import TrainedSAE, model_identity, run_logger, tracker
+from tasks.common import TrainedSAE, model_identity, prefect_run_tags, run_logger, tracker
+
+RETRAIN_KEYS = ("data_hash", "config_hash", "train_hash")
+"""Version tags that say what an SAE was trained from; equal on every SAE means a retrain would change nothing
+but the seed."""
+
+
+def version_identity(cfg: PipelineConfig, spec: SAEConfig, data_hash: str) -> dict[str, str]:
+    """The data, SAE spec and training settings (seed and reporting knobs left out) a version was trained from."""
+    train = cfg.train.model_dump(mode="json", exclude={"seed", "log_every", "checkpoint_every_tokens", "device"})
+    return {"data_hash": data_hash, "config_hash": config_hash(spec.model_dump(mode="json")),
+            "train_hash": config_hash(train)}
+
+
+def model_description(cfg: PipelineConfig, site: str, architecture: str) -> str:
+    return (f"{architecture} sparse autoencoders trained by saeflow on {cfg.model.name} activations at {site} "
+            f"({site.split('.')[0]} of block {site.split('.')[-1]}). Aliases: `champion` is the version that passed "
+            f"the promotion gate (pull this one), `challenger` the newest candidate, `{cfg.tracking.alias}` the newest "
+            "version. Versions carry their held-out metrics (l0, fvu, ce_loss_recovered, dead_fraction) and the "
+            "gate's decision (promotion.*) as tags. Load with mlflow.pyfunc.load_model (codes from raw activations) "
+            "or saeflow.load_sae.")
 
 
 def checkpoint_location(
@@ -73,7 +94,7 @@ def train_site_saes(
     for s in saes:
         s.input_scale.fill_(scale)
     runs = open_sae_runs(tr, site, specs, parent_run_id, {"train": t.model_dump(), "site": site, "total_tokens": total},
-                     ckpt)
+                         ckpt, tags=prefect_run_tags())
     history: list[list[dict[str, float]]] = ckpt.extra["history"] if ckpt else [[] for _ in specs]
     # A resumed run replays the steps between its checkpoint and the kill; they are in MLflow already.
     logged_until = [tr.last_step(r, "train/loss") if ckpt else -1 for r in runs]
@@ -116,11 +137,15 @@ def train_site_saes(
     out = []
     for sae, spec, run_id, hist in zip(saes, specs, runs, history):
         name = registered_model_name(cfg.tracking.registered_model_prefix, cfg.model.name, site, spec.architecture)
-        tags = {"site": site, "architecture": spec.architecture, "label": spec.label(), "data_hash": data_hash,
-                "config_hash": config_hash(spec.model_dump()), "model": cfg.model.name}
+        tags = {"site": site, "architecture": spec.architecture, "label": spec.label(), **version_identity(cfg, spec,
+                data_hash), "model": cfg.model.name, "seed": t.seed, "code_version": code_version() or "unknown"}
         curves = training_curves(hist, f"{site} · {spec.label()}") if hist else None
         version = publish_sae(tr, run_id, sae.cpu(), meta, name, tags, cfg.tracking.alias, curves,
-                              description=f"{spec.label()} SAE at {site} of {cfg.model.name}")
+                              description=f"{spec.label()} SAE at {site} of {cfg.model.name}, trained on "
+                                          f"{total:,} tokens (seed {t.seed}).",
+                              model_tags={"lm": cfg.model.name, "site": site, "architecture": spec.architecture},
+                              model_description=model_description(cfg, site, spec.architecture))
+        tr.set_alias(name, CHALLENGER, version)  # the promotion gate decides whether it also becomes champion
         log.info(f"train {site}: registered {name} version {version}")
         out.append(TrainedSAE(site, spec.label(), spec.architecture, run_id, name, version))
     clear_training_state(ckpt_dir)  # finished and registered: nothing left to resume

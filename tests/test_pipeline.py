@@ -61,8 +61,15 @@ def test_pipeline_logs_parent_and_nested_runs(pipeline_runs):
             assert key in m, key
         assert len(client.get_metric_history(child.info.run_id, "train/loss")) > 3
         assert 0 <= m["eval/fvu"] < 1.5 and m["eval/l0"] > 0
-        names = {a.path for a in client.list_artifacts(child.info.run_id, "sae")}
-        assert names == {"sae/cfg.json", "sae/sae_weights.safetensors"}
+        (output,) = child.outputs.model_outputs  # the SAE is the run's logged MLflow model
+        model = client.get_logged_model(output.model_id)
+        assert child.data.tags["saeflow.model_uri"] == f"models:/{model.model_id}"
+        assert model.experiment_id == parent.info.experiment_id
+        assert child.data.tags["prefect.flow_run_id"] == parent.data.tags["prefect.flow_run_id"]
+    (dataset,) = parent.inputs.dataset_inputs
+    assert dataset.dataset.digest == open_token_store(token_store_url(cfg)[0]).content_hash[:36]
+    exp = client.get_experiment(parent.info.experiment_id)
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
 
 
 def test_saes_are_registered_with_tags_and_new_versions_per_run(pipeline_runs):

@@ -1,0 +1,115 @@
+"""The MLflow Model Registry side of saeflow: champion / challenger aliases, promotion records, listings.
+
+Every new version becomes `challenger`; the promotion gate (tasks/promote.py) moves `champion` to it or leaves
+`champion` where it is, and writes the decision and both sides' numbers on the version (tags `promotion.*` and the
+description). `saeflow promote` moves an alias by hand and records who did it.
+"""
+
+from __future__ import annotations
+
+import datetime
+import fnmatch
+import getpass
+from dataclasses import dataclass
+from typing import Any
+
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
+
+from sae.promotion import PromotionDecision
+from storage.tracking import Tracker
+
+CHAMPION = "champion"
+CHALLENGER = "challenger"
+EVAL_HASH_TAG = "eval_tokens_hash"
+"""Version tag: hash of the held-out windows the version's metric tags were measured on."""
+METRIC_TAGS = ("l0", "fvu", "ce_loss_recovered", "kl_div", "dead_fraction", "pooled_cos_recovered")
+
+
+class RegistryError(ValueError):
+    """A registry request that cannot be met; str() is one line naming the fix."""
+
+
+def version_by_alias(tr: Tracker, name: str, alias: str) -> ModelVersion | None:
+    try:
+        return tr.client.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None
+
+
+def tag_version(tr: Tracker, name: str, version: str, tags: dict[str, Any]) -> None:
+    for k, v in tags.items():
+        tr.client.set_model_version_tag(name, version, k, str(v))
+
+
+def tag_metrics(tr: Tracker, name: str, version: str, metrics: dict[str, float], eval_hash: str) -> None:
+    """The version's held-out metrics as tags, with the hash of the tokens they were measured on."""
+    tags = {k: f"{metrics[k]:.6g}" for k in METRIC_TAGS if k in metrics}
+    tag_version(tr, name, version, {**tags, EVAL_HASH_TAG: eval_hash})
+
+
+def version_metrics(mv: ModelVersion) -> dict[str, float]:
+    return {k: float(mv.tags[k]) for k in METRIC_TAGS if k in mv.tags}
+
+
+def record_decision(tr: Tracker, name: str, version: str, decision: PromotionDecision, rescored: bool) -> None:
+    """Write the gate's decision on the challenger (tags + description) and move `champion` if it won."""
+    tags = decision.tags()
+    if rescored:
+        tags["promotion.champion_rescored"] = "true"  # the champion's own tags were measured on other tokens
+    tag_version(tr, name, version, tags)
+    mv = tr.client.get_model_version(name, version)
+    verdict = "Promoted to champion" if decision.promoted else "Not promoted"
+    note = f"{verdict}: {decision.reason}."
+    if decision.champion_version is not None:
+        note += (f" Challenger {decision.metric} {decision.challenger_value:.4g} at L0 {decision.challenger_l0:.4g};"
+                 f" champion v{decision.champion_version} {decision.champion_value:.4g} at L0 "
+                 f"{decision.champion_l0:.4g}{' (re-scored on the same tokens)' if rescored else ''}.")
+    tr.client.update_model_version(name, version, description=f"{mv.description or ''}\n\n{note}".strip())
+    if decision.promoted:
+        tr.set_alias(name, CHAMPION, version)
+
+
+def promote_manually(tr: Tracker, name: str, version: str, alias: str = CHAMPION) -> str | None:
+    """Point `alias` at `version` by hand; records who, when and what it replaced. Returns the replaced version."""
+    try:
+        tr.client.get_model_version(name, version)
+    except MlflowException:
+        raise RegistryError(f"registered model {name!r} has no version {version!r}: `saeflow models` lists them") \
+            from None
+    before = version_by_alias(tr, name, alias)
+    who = getpass.getuser()
+    when = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    tag_version(tr, name, version, {"promotion.decision": "manual", f"promotion.manual.{alias}": f"{who} at {when}",
+                                    "promotion.replaced_version": before.version if before else "none"})
+    mv = tr.client.get_model_version(name, version)
+    replaced = f" (replacing v{before.version})" if before else ""
+    tr.client.update_model_version(name, version, description=(
+        f"{mv.description or ''}\n\nManually made {alias} by {who} at {when}{replaced}.").strip())
+    tr.set_alias(name, alias, version)
+    return before.version if before else None
+
+
+@dataclass(frozen=True)
+class VersionRow:
+    name: str
+    version: str
+    aliases: tuple[str, ...]
+    metrics: dict[str, float]
+    decision: str
+
+
+def list_versions(tr: Tracker, pattern: str = "*") -> list[VersionRow]:
+    """Every version of every registered model whose name matches the glob `pattern`, newest first per model."""
+    rows = []
+    for rm in tr.client.search_registered_models(max_results=1000):
+        if not fnmatch.fnmatchcase(rm.name, pattern):
+            continue
+        aliases: dict[str, list[str]] = {}
+        for alias, version in (rm.aliases or {}).items():
+            aliases.setdefault(str(version), []).append(alias)
+        versions = tr.client.search_model_versions(f"name = '{rm.name}'", max_results=1000)
+        for mv in sorted(versions, key=lambda v: -int(v.version)):
+            rows.append(VersionRow(rm.name, str(mv.version), tuple(sorted(aliases.get(str(mv.version), []))),
+                                   version_metrics(mv), mv.tags.get("promotion.decision", "")))
+    return sorted(rows, key=lambda r: (r.name, -int(r.version)))
