@@ -6,6 +6,7 @@ worker threads log to the right run.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -36,6 +37,30 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
         else:
             out[key] = json.dumps(v, default=str) if isinstance(v, list | tuple) else str(v)
     return out
+
+
+@contextlib.contextmanager
+def process_uris(uri: str):
+    """Point MLflow's process-wide tracking and registry URIs at `uri` for a call that reads them (model logging,
+    `models:/` downloads), then put back what was there, environment included: `mlflow.set_tracking_uri` also sets
+    $MLFLOW_TRACKING_URI, which would otherwise decide every later config's default tracking URI."""
+    import mlflow
+    from mlflow.tracking._model_registry import utils as registry_utils
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    saved_env = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    saved = tracking_utils._tracking_uri, registry_utils._registry_uri
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        yield
+    finally:
+        tracking_utils._tracking_uri, registry_utils._registry_uri = saved
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 class Tracker:
@@ -107,15 +132,8 @@ class Tracker:
         with tempfile.TemporaryDirectory() as tmp:
             if model_uri is None:
                 return load_sae(self.download(run_id, "sae", tmp), device)
-            self._use_globally()
-            return load_sae(checkpoint_dir(mlflow.artifacts.download_artifacts(model_uri, dst_path=tmp)), device)
-
-    def _use_globally(self) -> None:
-        """MLflow's model logging and `models:/` downloads read the process-wide URIs, not a client's."""
-        import mlflow
-
-        mlflow.set_tracking_uri(self.tracking_uri)
-        mlflow.set_registry_uri(self.tracking_uri)
+            with process_uris(self.tracking_uri):
+                return load_sae(checkpoint_dir(mlflow.artifacts.download_artifacts(model_uri, dst_path=tmp)), device)
 
     def log_sae_model(self, run_id: str, checkpoint: str, d_in: int, d_sae: int,
                       tags: dict[str, str] | None = None) -> tuple[str, str]:
@@ -133,17 +151,17 @@ class Tracker:
             outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, d_sae))]),
             params=ParamSchema([ParamSpec("output", "string", "codes")]),
         )
-        self._use_globally()
         # Created here, in the run's experiment: Model.log would put it in the process's active experiment.
         logged = self.client.create_logged_model(self.experiment_id, name="sae_model", source_run_id=run_id,
                                                  model_type="sparse-autoencoder", tags=tags)
-        info = Model.log(
-            artifact_path=None, name="sae_model", flavor=mlflow.pyfunc, run_id=run_id, model_id=logged.model_id, python_model=SAE_MODEL_CODE,
-            artifacts={"sae": checkpoint}, code_paths=[SAE_LIBRARY], signature=signature,
-            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "safetensors", "pydantic>=2", "numpy",
-                              "mlflow"],
-            metadata={"saeflow_checkpoint": "artifacts/sae"},
-        )
+        with process_uris(self.tracking_uri):
+            info = Model.log(
+                artifact_path=None, name="sae_model", flavor=mlflow.pyfunc, run_id=run_id, model_id=logged.model_id,
+                python_model=SAE_MODEL_CODE, artifacts={"sae": checkpoint}, code_paths=[SAE_LIBRARY], signature=signature,
+                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "safetensors", "pydantic>=2", "numpy",
+                                  "mlflow"],
+                metadata={"saeflow_checkpoint": "artifacts/sae"},
+            )
         self.set_tags(run_id, {MODEL_URI_TAG: info.model_uri})
         return info.model_uri, info.model_id
 
@@ -175,14 +193,15 @@ class Tracker:
         for k, v in (model_tags or {}).items():
             self.client.set_registered_model_tag(name, k, str(v))
         source = artifact_path if model_id else self.artifact_uri(run_id, artifact_path)
-        mv = self.client.create_model_version(
-            name,
-            source=source,
-            run_id=run_id,
-            tags={k: str(v) for k, v in tags.items()},
-            description=description,
-            model_id=model_id,
-        )
+        with process_uris(self.tracking_uri):  # a `models:/m-…` source is resolved through the process-wide URI
+            mv = self.client.create_model_version(
+                name,
+                source=source,
+                run_id=run_id,
+                tags={k: str(v) for k, v in tags.items()},
+                description=description,
+                model_id=model_id,
+            )
         return str(mv.version)
 
     def set_alias(self, name: str, alias: str, version: str) -> None:
@@ -220,11 +239,10 @@ def pull(ref: str, dst: str, tracking_uri: str) -> str:
     """Download registered SAE `ref` into `dst`; returns the checkpoint directory (safetensors + cfg.json)."""
     import mlflow
 
-    mlflow.set_tracking_uri(tracking_uri)
-    mlflow.set_registry_uri(tracking_uri)
     os.makedirs(dst, exist_ok=True)
     try:
-        return checkpoint_dir(mlflow.artifacts.download_artifacts(artifact_uri=model_uri(ref), dst_path=dst))
+        with process_uris(tracking_uri):
+            return checkpoint_dir(mlflow.artifacts.download_artifacts(artifact_uri=model_uri(ref), dst_path=dst))
     except MlflowException as e:
         raise ValueError(f"cannot pull {ref!r} from {tracking_uri}: {e.message.splitlines()[0]}") from e
 
