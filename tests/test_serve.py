@@ -1,0 +1,140 @@
+"""`saeflow serve` as a user runs it: a real Prefect server, the serve process as a subprocess on a tiny local
+model, a run triggered the way the UI does (run_deployment with edited parameters), and the results found in
+Prefect (artifacts, schedule) and in the MLflow registry (versions, aliases, links both ways)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from tests.conftest import tiny_config
+
+BIN = os.path.dirname(sys.executable)
+
+
+@pytest.fixture
+def served(prefect_server, tiny_gpt2_dir, tmp_path):
+    from prefect.settings import PREFECT_API_URL
+
+    cfg = tiny_config("./work", tiny_gpt2_dir, name="ui-demo", extract={"sites": ["resid_post.1"], "batch_size": 16},
+                      saes=[{"architecture": "topk", "k": 8, "expansion_factor": 4}],
+                      eval={"batch_size": 8, "latent_report": False, "afa": False},
+                      retrain={"cron": "30 3 * * *", "timezone": "Europe/Berlin"})
+    path = tmp_path / "ui-demo.yaml"
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json", exclude_unset=True)))
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    log = open(tmp_path / "serve.log", "w+")
+    proc = subprocess.Popen([os.path.join(BIN, "saeflow"), "serve", str(path)], cwd=tmp_path, env=env,
+                            stdout=log, stderr=subprocess.STDOUT)
+    try:
+        yield tmp_path, env, proc, log
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+async def wait_for_deployments(names: set[str], proc, log, timeout=180):
+    from prefect.client.orchestration import get_client
+
+    async with get_client() as client:
+        for _ in range(timeout):
+            found = {f"{(await client.read_flow(d.flow_id)).name}/{d.name}": d
+                     for d in await client.read_deployments()}
+            if names <= set(found):
+                return found
+            if proc.poll() is not None:
+                log.seek(0)
+                raise AssertionError(f"saeflow serve exited {proc.returncode}:\n{log.read()}")
+            await asyncio.sleep(1)
+    log.seek(0)
+    raise AssertionError(f"deployments {names - set(found)} never appeared:\n{log.read()}")
+
+
+def test_serve_registers_deployments_and_a_ui_triggered_run_lands_in_the_registry(served):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+    from prefect.deployments import run_deployment
+
+    tmp_path, env, proc, log = served
+    names = {"sae_pipeline/ui-demo", "sae_sweep/ui-demo", "evaluate_sae/ui-demo", "sae_retrain/nightly"}
+    found = asyncio.run(wait_for_deployments(names, proc, log))
+
+    nightly = found["sae_retrain/nightly"]
+    (schedule,) = nightly.schedules
+    assert (schedule.schedule.cron, schedule.schedule.timezone, schedule.active) == ("30 3 * * *", "Europe/Berlin",
+                                                                                     True)
+    log.seek(0)
+    assert "sae_retrain/nightly: cron '30 3 * * *' (Europe/Berlin); next run " in log.read()
+
+    pipeline = found["sae_pipeline/ui-demo"]
+    defaults = pipeline.parameters["config"]
+    root = str(tmp_path / "work")
+    assert defaults["root"] == root  # resolved at serve time, not relative to whatever runs the flow
+    assert defaults["tracking"]["uri"] == f"sqlite:///{root}/mlflow.db"
+    schema = pipeline.parameter_openapi_schema
+    assert schema["properties"]["config"]["$ref"].endswith("PipelineConfig")
+    tokens = schema["definitions"]["TokensConfig"]["properties"]
+    assert tokens["eval_tokens"]["description"].startswith("Held-out token budget")  # the form's help text
+    assert found["evaluate_sae/ui-demo"].parameters["sae"].endswith(".resid_post.1.topk@champion")
+
+    edited = {**defaults, "name": "edited-in-ui", "train": {**defaults["train"], "seed": 7}}
+    flow_run = run_deployment("sae_pipeline/ui-demo", parameters={"config": edited}, timeout=600)
+    log.seek(0)
+    assert flow_run.state.is_completed(), f"{flow_run.state}\n{log.read()}"
+
+    client = MlflowClient(defaults["tracking"]["uri"], defaults["tracking"]["uri"])
+    exp = client.get_experiment_by_name("saeflow")
+    (parent,) = client.search_runs([exp.experiment_id], f"tags.`prefect.flow_run_id` = '{flow_run.id}'"
+                                                        " and tags.`saeflow.flow` = 'sae_pipeline'")
+    assert parent.info.run_name == "edited-in-ui" and parent.info.status == "FINISHED"
+    assert parent.data.tags["prefect.flow_run_url"].endswith(f"/flow-run/{flow_run.id}")
+    (model,) = [m for m in client.search_registered_models() if m.name.endswith(".resid_post.1.topk")]
+    v1 = client.get_model_version(model.name, "1")
+    assert v1.tags["seed"] == "7" and client.get_run(v1.run_id).data.tags["prefect.flow_run_id"] == str(flow_run.id)
+    assert {a: str(v) for a, v in model.aliases.items()} == {"champion": "1", "challenger": "1", "current": "1"}
+
+    async def artifacts():
+        async with get_client() as c:
+            return await c.read_artifacts(artifact_filter=ArtifactFilter(
+                flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run.id])))
+
+    arts = {a.key: a for a in asyncio.run(artifacts())}
+    assert f"{model.name} v1" in arts["sae-results"].data and "**champion** (first)" in arts["sae-results"].data
+    assert f"/runs/{parent.info.run_id})" in arts["mlflow-run"].data
+
+    wide = {**env, "COLUMNS": "250"}  # rich would wrap the table's names in a narrow terminal
+    ls = subprocess.run([os.path.join(BIN, "prefect"), "deployment", "ls"], env=wide, capture_output=True,
+                        text=True, timeout=120)
+    assert ls.returncode == 0, ls.stderr
+    for name in names:
+        assert name in ls.stdout, (name, ls.stdout)
+    for cmd in (["flow", "ls"], ["flow-run", "ls"], ["work-pool", "ls"]):
+        r = subprocess.run([os.path.join(BIN, "prefect"), *cmd], env=env, capture_output=True, text=True,
+                           timeout=120)
+        assert r.returncode == 0, (cmd, r.stderr)
+    assert "sae_pipeline" in subprocess.run([os.path.join(BIN, "prefect"), "flow", "ls"], env=wide,
+                                            capture_output=True, text=True, timeout=120).stdout
+
+
+def test_serve_without_a_prefect_api_fails_with_one_line(tmp_path):
+    env = {**os.environ, "PREFECT_API_URL": "http://127.0.0.1:9/api"}
+    start = time.time()
+    r = subprocess.run([os.path.join(BIN, "saeflow"), "serve"], env=env, capture_output=True, text=True,
+                       timeout=120, cwd=tmp_path)
+    assert r.returncode == 2, r.stderr
+    (line,) = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert line.startswith("error: the Prefect API at http://127.0.0.1:9/api does not answer")
+    assert time.time() - start < 60
