@@ -138,3 +138,116 @@ def test_serve_without_a_prefect_api_fails_with_one_line(tmp_path):
     (line,) = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert line.startswith("error: the Prefect API at http://127.0.0.1:9/api does not answer")
     assert time.time() - start < 60
+
+
+def test_deploy_registers_the_deployments_with_a_work_pool(prefect_server, tiny_gpt2_dir, tmp_path):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.settings import PREFECT_API_URL
+
+    cfg = tiny_config(str(tmp_path / "work"), tiny_gpt2_dir, name="pool-demo")
+    path = tmp_path / "pool-demo.yaml"
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json", exclude_unset=True)))
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
+    saeflow = os.path.join(BIN, "saeflow")
+    r = subprocess.run([saeflow, "deploy", str(path), "--pool", "no-such-pool"], env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 2
+    (line,) = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert line == ("error: work pool 'no-such-pool' does not exist: create it with `prefect work-pool create "
+                    "no-such-pool --type process` (or list them with `prefect work-pool ls`)")
+
+    async def make_pool():
+        async with get_client() as client:
+            await client.create_work_pool(WorkPoolCreate(name="gpu-boxes", type="process"), overwrite=True)
+
+    asyncio.run(make_pool())
+    r = subprocess.run([saeflow, "deploy", str(path), "--pool", "gpu-boxes"], env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "4 deployments in work pool 'gpu-boxes'; run them with: prefect worker start --pool gpu-boxes" in r.stdout
+
+    async def pooled():
+        async with get_client() as client:
+            return {f"{(await client.read_flow(d.flow_id)).name}/{d.name}": d for d in await client.read_deployments()
+                    if d.work_pool_name == "gpu-boxes"}
+
+    found = asyncio.run(pooled())
+    assert set(found) == {"sae_pipeline/pool-demo", "sae_sweep/pool-demo", "evaluate_sae/pool-demo",
+                          "sae_retrain/nightly"}
+    assert found["sae_pipeline/pool-demo"].entrypoint == "flows/pipeline.py:sae_pipeline"
+    assert found["sae_pipeline/pool-demo"].parameters["config"]["root"] == str(tmp_path / "work")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_nightly_schedule_creates_runs_on_a_real_prefect_server_start(tiny_gpt2_dir, tmp_path):
+    """`prefect server start` (scheduler service included), `saeflow serve`: the scheduler books the nightly runs at
+    the configured cron in the configured time zone, and the Prefect CLI lists what was registered."""
+    import datetime
+
+    import httpx
+
+    from flows.deployments import next_nightly_run
+
+    port = _free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_API_URL": api,
+           "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "2", "COLUMNS": "250"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    cfg = tiny_config(str(tmp_path / "work"), tiny_gpt2_dir, name="sched", retrain={"cron": "15 4 * * 1-5",
+                                                                                    "timezone": "America/New_York"})
+    path = tmp_path / "sched.yaml"
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json", exclude_unset=True)))
+    procs = []
+    try:
+        server_log = open(tmp_path / "server.log", "w")
+        procs.append(subprocess.Popen([os.path.join(BIN, "prefect"), "server", "start", "--port", str(port)],
+                                      env=env, stdout=server_log, stderr=subprocess.STDOUT))
+        for _ in range(180):
+            try:
+                if httpx.get(api + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        serve_log = open(tmp_path / "serve.log", "w")
+        procs.append(subprocess.Popen([os.path.join(BIN, "saeflow"), "serve", str(path)], env=env, cwd=tmp_path,
+                                      stdout=serve_log, stderr=subprocess.STDOUT))
+        runs = []
+        for _ in range(180):
+            body = {"deployments": {"name": {"any_": ["nightly"]}}, "flow_runs": {"state": {"type": {
+                "any_": ["SCHEDULED"]}}}, "sort": "EXPECTED_START_TIME_ASC", "limit": 5}
+            r = httpx.post(api + "/flow_runs/filter", json=body, timeout=10)
+            runs = r.json() if r.status_code == 200 else []
+            if runs:
+                break
+            time.sleep(1)
+        assert runs, open(tmp_path / "server.log").read()[-3000:] + open(tmp_path / "serve.log").read()[-3000:]
+        first = datetime.datetime.fromisoformat(runs[0]["expected_start_time"].replace("Z", "+00:00"))
+        want = next_nightly_run(cfg)
+        assert first == want and (want.hour, want.minute, want.weekday() < 5) == (4, 15, True)
+        assert str(want.tzinfo) == "America/New_York"
+        ls = subprocess.run([os.path.join(BIN, "prefect"), "deployment", "ls"], env=env, capture_output=True,
+                            text=True, timeout=120)
+        assert ls.returncode == 0, ls.stderr
+        assert "sae_retrain/nightly" in ls.stdout and "sae_pipeline/sched" in ls.stdout
+        for cmd in (["flow", "ls"], ["flow-run", "ls"], ["work-pool", "ls"]):
+            r = subprocess.run([os.path.join(BIN, "prefect"), *cmd], env=env, capture_output=True, text=True,
+                               timeout=120)
+            assert r.returncode == 0, (cmd, r.stderr)
+        assert "sae_retrain" in subprocess.run([os.path.join(BIN, "prefect"), "flow-run", "ls"], env=env,
+                                               capture_output=True, text=True, timeout=120).stdout
+    finally:
+        for p in reversed(procs):
+            p.send_signal(signal.SIGINT)
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                p.kill()
