@@ -10,6 +10,7 @@ from saeflow.config import PipelineConfig
 from tasks.evaluate import evaluate_sae_reference
 from tasks.sae_reference import resolve_sae_reference
 from tasks.tokenize import tokenize_dataset
+from tasks.tracking import publish_results
 
 
 @flow(name="evaluate_sae", log_prints=True)
@@ -18,4 +19,6 @@ def evaluate_sae(config: PipelineConfig, sae: str, site: str | None = None) -> d
     split (SPEC 5, 5.1) and log to a new MLflow run."""
     ref = resolve_sae_reference(config, sae, site)
     tokens = tokenize_dataset(config)
-    return evaluate_sae_reference(config, tokens, ref)
+    out = evaluate_sae_reference(config, tokens, ref)
+    publish_results(config, out["run_id"], {out["site"]: {out["label"]: out["metrics"]}}, {})
+    return out

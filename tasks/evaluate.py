@@ -16,7 +16,7 @@ from sae.models import LoadedModel
 from saeflow.config import EvalConfig, PipelineConfig
 from storage.tokens import TokenStoreRef, iter_window_batches, read_windows
 from storage.tracking import log_evaluation
-from tasks.common import TrainedSAE, loaded_model, run_logger, tracker
+from tasks.common import TrainedSAE, loaded_model, prefect_run_tags, run_logger, tracker
 from tasks.sae_reference import SAEReference, load_reference
 
 SUMMARY_KEYS = ("fvu", "l0", "cosine_sim", "ce_loss_recovered", "kl_div", "pooled_cos_recovered", "afa_eps_lbo_median")
@@ -85,7 +85,8 @@ def evaluate_sae_reference(cfg: PipelineConfig, tokens: TokenStoreRef, ref: SAER
     sae = load_reference(ref, lm.device)
     saes = {ref.label: sae}
     run_id = tr.start_run(f"evaluate {ref.label}", tags={"saeflow.flow": "evaluate_sae", "site": ref.site,
-                                                         "sae_reference": ref.source, "model": cfg.model.name})
+                                                         "sae_reference": ref.source, "model": cfg.model.name,
+                                                         **prefect_run_tags()})
     try:
         tr.log_params(run_id, {"sae_reference": ref.source, "sae_format": ref.kind, "site": ref.site,
                                "architecture": sae.cfg.architecture, "d_in": sae.d_in, "d_sae": sae.d_sae,

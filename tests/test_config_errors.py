@@ -99,3 +99,16 @@ def test_unknown_site_fails_clearly_and_registers_nothing(prefect_server, make_c
     runs = client.search_runs([client.get_experiment_by_name("saeflow").experiment_id])
     assert [r.info.status for r in runs] == ["FAILED"]
 
+
+
+@pytest.mark.parametrize("override, words", [
+    ("retrain.cron='0 25 * * *'", "config error at retrain.cron: Value error, bad cron expression '0 25 * * *'"),
+    ("retrain.timezone=Mars/Olympus", "config error at retrain.timezone: Value error, unknown time zone "
+                                      "'Mars/Olympus': give an IANA name such as UTC or Europe/Berlin"),
+    ("promotion.metric=accuracy", "config error at promotion.metric: Input should be 'auto', 'ce_loss_recovered' "
+                                  "or 'fvu'"),
+])
+def test_bad_schedule_and_promotion_settings_fail_with_one_line(override, words):
+    r = run_cli("validate", f"{ROOT}/configs/demo.yaml", "--set", override)
+    assert r.exit_code == 2
+    assert error_line(r).startswith(f"error: {words}")

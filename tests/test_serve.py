@@ -46,6 +46,17 @@ def served(prefect_server, tiny_gpt2_dir, tmp_path):
         log.close()
 
 
+def prefect_cli_listings(env: dict[str, str]) -> dict[str, str]:
+    """stdout of `prefect deployment|flow|flow-run|work-pool ls`, each asserted to exit 0."""
+    out = {}
+    for what in ("deployment", "flow", "flow-run", "work-pool"):
+        r = subprocess.run([os.path.join(BIN, "prefect"), what, "ls"], env=env, capture_output=True, text=True,
+                           timeout=120)
+        assert r.returncode == 0, (what, r.stderr)
+        out[what] = r.stdout
+    return out
+
+
 async def wait_for_deployments(names: set[str], proc, log, timeout=180):
     from prefect.client.orchestration import get_client
 
@@ -115,18 +126,10 @@ def test_serve_registers_deployments_and_a_ui_triggered_run_lands_in_the_registr
     assert f"{model.name} v1" in arts["sae-results"].data and "**champion** (first)" in arts["sae-results"].data
     assert f"/runs/{parent.info.run_id})" in arts["mlflow-run"].data
 
-    wide = {**env, "COLUMNS": "250"}  # rich would wrap the table's names in a narrow terminal
-    ls = subprocess.run([os.path.join(BIN, "prefect"), "deployment", "ls"], env=wide, capture_output=True,
-                        text=True, timeout=120)
-    assert ls.returncode == 0, ls.stderr
+    listed = prefect_cli_listings({**env, "COLUMNS": "250"})  # wide: rich would wrap the names in a narrow terminal
     for name in names:
-        assert name in ls.stdout, (name, ls.stdout)
-    for cmd in (["flow", "ls"], ["flow-run", "ls"], ["work-pool", "ls"]):
-        r = subprocess.run([os.path.join(BIN, "prefect"), *cmd], env=env, capture_output=True, text=True,
-                           timeout=120)
-        assert r.returncode == 0, (cmd, r.stderr)
-    assert "sae_pipeline" in subprocess.run([os.path.join(BIN, "prefect"), "flow", "ls"], env=wide,
-                                            capture_output=True, text=True, timeout=120).stdout
+        assert name in listed["deployment"], (name, listed["deployment"])
+    assert "sae_pipeline" in listed["flow"]
 
 
 def test_serve_without_a_prefect_api_fails_with_one_line(tmp_path):
@@ -234,16 +237,9 @@ def test_nightly_schedule_creates_runs_on_a_real_prefect_server_start(tiny_gpt2_
         want = next_nightly_run(cfg)
         assert first == want and (want.hour, want.minute, want.weekday() < 5) == (4, 15, True)
         assert str(want.tzinfo) == "America/New_York"
-        ls = subprocess.run([os.path.join(BIN, "prefect"), "deployment", "ls"], env=env, capture_output=True,
-                            text=True, timeout=120)
-        assert ls.returncode == 0, ls.stderr
-        assert "sae_retrain/nightly" in ls.stdout and "sae_pipeline/sched" in ls.stdout
-        for cmd in (["flow", "ls"], ["flow-run", "ls"], ["work-pool", "ls"]):
-            r = subprocess.run([os.path.join(BIN, "prefect"), *cmd], env=env, capture_output=True, text=True,
-                               timeout=120)
-            assert r.returncode == 0, (cmd, r.stderr)
-        assert "sae_retrain" in subprocess.run([os.path.join(BIN, "prefect"), "flow-run", "ls"], env=env,
-                                               capture_output=True, text=True, timeout=120).stdout
+        listed = prefect_cli_listings(env)
+        assert "sae_retrain/nightly" in listed["deployment"] and "sae_pipeline/sched" in listed["deployment"]
+        assert "sae_retrain" in listed["flow-run"]
     finally:
         for p in reversed(procs):
             p.send_signal(signal.SIGINT)
