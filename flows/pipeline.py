@@ -61,8 +61,8 @@ def run_tracked(config: PipelineConfig, flow_name: str, stages, tokens: TokenSto
 
 @flow(name="sae_pipeline", log_prints=True)
 def sae_pipeline(config: PipelineConfig) -> dict[str, Any]:
-    """Text → token windows → activations → normalization stats → trained SAEs → evaluated, registered SAEs, each
-    new version gated against its model's champion."""
+    """Text → token windows → activations → normalization stats → trained SAEs → evaluated, registered SAEs,
+    each new version gated against its model's champion."""
 
     def stages(run_id, tokens, acts, results, promotions):
         train_and_evaluate(config, run_id, tokens, acts, results, promotions)

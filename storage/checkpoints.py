@@ -44,7 +44,15 @@ def save_sae(sae: SAE, directory: str, metadata: dict[str, Any] | None = None) -
     return directory
 
 
+def checkpoint_dir(directory: str) -> str:
+    """The weights + cfg.json directory of a saved SAE: an MLflow model directory (a pulled registered SAE) keeps
+    it as its `artifacts/sae`; a plain checkpoint (and versions registered before SAEs were MLflow models) is it."""
+    inner = os.path.join(directory, "artifacts", "sae")
+    return inner if os.path.exists(os.path.join(directory, "MLmodel")) and os.path.isdir(inner) else directory
+
+
 def read_sae_config(directory: str) -> dict[str, Any]:
+    directory = checkpoint_dir(directory)
     path = os.path.join(directory, CONFIG)
     if not os.path.exists(path):
         raise FileNotFoundError(f"{directory!r} is not a saeflow SAE checkpoint: it has no {CONFIG}")
@@ -54,6 +62,7 @@ def read_sae_config(directory: str) -> dict[str, Any]:
 
 def load_sae(directory: str, device: str | torch.device = "cpu") -> SAE:
     """Rebuild the SAE module saved by `save_sae` (or pulled from the registry) and load its weights."""
+    directory = checkpoint_dir(directory)
     cfg = read_sae_config(directory)
     sae = build_sae(config_from_dict(cfg["sae"]), cfg["d_in"])
     sae.load_state_dict(load_file(os.path.join(directory, WEIGHTS), device=str(device)))

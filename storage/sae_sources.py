@@ -32,7 +32,9 @@ def site_from_hook(hook_name: str | None) -> str | None:
 def sniff_format(directory: str) -> tuple[str, dict]:
     """(`checkpoint` | `saelens`, what the SAE records) from a directory's cfg.json shape. The record always has
     `site` (None when unknown); saeflow checkpoints add their training metadata (input scale, outlier threshold…)."""
-    path = os.path.join(directory, "cfg.json")
+    from storage.checkpoints import checkpoint_dir
+
+    path = os.path.join(checkpoint_dir(directory), "cfg.json")
     if not os.path.exists(path):
         raise SAEReferenceError(f"{directory!r} has no cfg.json: give a saeflow checkpoint or SAELens SAE directory")
     with open(path) as f:

@@ -133,7 +133,7 @@ class Tracker:
             if model_uri is None:
                 return load_sae(self.download(run_id, "sae", tmp), device)
             with process_uris(self.tracking_uri):
-                return load_sae(checkpoint_dir(mlflow.artifacts.download_artifacts(model_uri, dst_path=tmp)), device)
+                return load_sae(mlflow.artifacts.download_artifacts(model_uri, dst_path=tmp), device)
 
     def log_sae_model(self, run_id: str, checkpoint: str, d_in: int, d_sae: int,
                       tags: dict[str, str] | None = None) -> tuple[str, str]:
@@ -157,7 +157,8 @@ class Tracker:
         with process_uris(self.tracking_uri):
             info = Model.log(
                 artifact_path=None, name="sae_model", flavor=mlflow.pyfunc, run_id=run_id, model_id=logged.model_id,
-                python_model=SAE_MODEL_CODE, artifacts={"sae": checkpoint}, code_paths=[SAE_LIBRARY], signature=signature,
+                python_model=SAE_MODEL_CODE, artifacts={"sae": checkpoint}, code_paths=[SAE_LIBRARY],
+                signature=signature,
                 pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "safetensors", "pydantic>=2", "numpy",
                                   "mlflow"],
                 metadata={"saeflow_checkpoint": "artifacts/sae"},
@@ -228,16 +229,11 @@ def model_uri(ref: str) -> str:
     return f"models:/{m['name']}/{m['version'] or 'latest'}"
 
 
-def checkpoint_dir(downloaded: str) -> str:
-    """The safetensors + cfg.json directory inside a downloaded SAE: an MLflow model keeps it as its `sae`
-    artifact; versions registered before SAEs were MLflow models are the checkpoint itself."""
-    inner = os.path.join(downloaded, "artifacts", "sae")
-    return inner if os.path.exists(os.path.join(downloaded, "MLmodel")) and os.path.isdir(inner) else downloaded
-
-
 def pull(ref: str, dst: str, tracking_uri: str) -> str:
     """Download registered SAE `ref` into `dst`; returns the checkpoint directory (safetensors + cfg.json)."""
     import mlflow
+
+    from storage.checkpoints import checkpoint_dir
 
     os.makedirs(dst, exist_ok=True)
     try:
