@@ -35,7 +35,9 @@ def rescore_champion(cfg: PipelineConfig, tokens: TokenStoreRef, site: str, name
     return ev["champion"].metrics
 
 
-@task(name="promote", cache_policy=NO_CACHE, **TRACKING_RETRIES)
+# Retried like the tracking steps, but with no timeout: re-scoring a champion is a full evaluation pass.
+@task(name="promote", cache_policy=NO_CACHE, retries=TRACKING_RETRIES["retries"],
+      retry_delay_seconds=TRACKING_RETRIES["retry_delay_seconds"])
 def promote_site_saes(cfg: PipelineConfig, tokens: TokenStoreRef, site: str, trained: list[TrainedSAE],
                       metrics: dict[str, dict[str, float]]) -> dict[str, dict[str, Any]]:
     """Tag each new version with its held-out metrics, then move `champion` to it if it beats the current one on

@@ -104,6 +104,9 @@ def test_pulled_registered_sae_reproduces_its_logged_metrics(pipeline_runs, tmp_
                                       "--tracking-uri", cfg.tracking_uri])
     assert result.exit_code == 0, result.output
     pulled = saeflow.load_sae(result.stdout.strip().splitlines()[-1])
+    assert result.stdout.strip().endswith(os.path.join("pulled", "artifacts", "sae"))  # inside the MLflow model
+    for a, b in zip(pulled.state_dict().values(), saeflow.load_sae(str(tmp_path / "pulled")).state_dict().values()):
+        assert torch.equal(a, b)  # the pulled directory itself loads too, as the README shows
     by_version = saeflow.load_sae(f"{name}/2", tracking_uri=cfg.tracking_uri)
     for a, b in zip(pulled.state_dict().values(), by_version.state_dict().values()):
         assert torch.equal(a, b)
