@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 
 import saeflow
 from flows.pipeline import sae_pipeline
+from sae.base import ARCHITECTURES
 from sae.evaluation import evaluate_site
 from sae.models import load_model
 from saeflow.cli import app
@@ -128,7 +129,7 @@ def test_pulled_registered_sae_reproduces_its_logged_metrics(pipeline_runs, tmp_
 
 
 def test_every_architecture_trains_through_the_pipeline_config(prefect_server, tiny_gpt2_dir, tmp_path):
-    archs = ["relu", "gated", "jumprelu", "topk", "batchtopk", "topafa", "matryoshka"]
+    archs = sorted(ARCHITECTURES)  # every registered architecture
     cfg = tiny_config(str(tmp_path), tiny_gpt2_dir, extract={"sites": ["resid_post.1"], "batch_size": 16},
                       saes=[{"architecture": a, "expansion_factor": 2} for a in archs],
                       eval={"batch_size": 8, "latent_report": False})

@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 from sae import build_sae
 from sae.base import SAE
 from storage.saelens import (
+    EXPORT_ARCHITECTURE,
     SAELensFormatError,
     export_saelens,
     hook_name_for_site,
@@ -24,7 +25,7 @@ from storage.saelens import (
 )
 
 D_IN, D_SAE, SCALE = 32, 128, 0.137
-EXPORTABLE = ["relu", "topk", "gated", "jumprelu", "batchtopk", "matryoshka"]
+EXPORTABLE = sorted(EXPORT_ARCHITECTURE)  # every architecture that says it exports
 SAELENS_TENSORS = {
     "standard": {"W_enc", "b_enc", "W_dec", "b_dec"},
     "topk": {"W_enc", "b_enc", "W_dec", "b_dec"},
