@@ -13,7 +13,6 @@ import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor, nn
 
 SITE_KINDS = ("resid_post", "mlp_out")
@@ -169,12 +168,3 @@ def site_width(model: nn.Module, site: str) -> int:
     """d of the site's activation: hidden size for residual sites and for MLP outputs alike."""
     cfg = model.config
     return int(getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd"))
-
-
-def deepest_layer(sites: list[str]) -> int:
-    return max(parse_site(s).layer for s in sites)
-
-
-@torch.inference_mode()
-def forward_logits(model: nn.Module, input_ids: Tensor) -> Tensor:
-    return model(input_ids=input_ids).logits

@@ -38,9 +38,6 @@ class ActivationStoreRef:
         key = f"{site}/outlier_rows"
         return np.asarray(g[key][:]) if key in g else np.zeros(0, dtype=np.int64)
 
-    def site_attrs(self, site: str) -> dict[str, Any]:
-        return dict(self.array(site).attrs)
-
     def manifest(self, site: str) -> dict[str, Any]:
         a = self.array(site)
         attrs = dict(a.attrs)
@@ -121,10 +118,6 @@ class ActivationWriter:
         self.arrays = {s: g[f"{s}/acts"] for s in sites}
         self.rows_done = int(g.attrs["rows_done"])
         self.buffers: dict[str, list[np.ndarray]] = {s: [] for s in sites}
-
-    @property
-    def complete(self) -> bool:
-        return bool(self.group.attrs.get("complete"))
 
     @property
     def next_window(self) -> int:

@@ -31,14 +31,6 @@ def open_group(url: str, mode: str = "a") -> zarr.Group:
     return zarr.open_group(url, mode=mode)
 
 
-def group_exists(url: str) -> bool:
-    try:
-        open_group(url, mode="r")
-        return True
-    except (FileNotFoundError, zarr.errors.GroupNotFoundError, KeyError):
-        return False
-
-
 def config_hash(obj: Any, n: int = 16) -> str:
     """Short stable hash of a JSON-able object: identifies the config that produced a store."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:n]
