@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-HIGHER_IS_BETTER = {"ce_loss_recovered": True, "fvu": False}
+from sae.frontier import higher_is_better
 
 
 def promotion_metric(configured: str, has_lm_head: bool) -> str:
@@ -49,7 +49,7 @@ def decide(metric: str, challenger: dict[str, float], champion: dict[str, float]
     if champion is None:
         return PromotionDecision(True, "first version of this model", metric, value, l0)
     best, best_l0 = float(champion[metric]), float(champion["l0"])
-    gain = value - best if HIGHER_IS_BETTER[metric] else best - value
+    gain = value - best if higher_is_better(metric) else best - value
     sides = dict(metric=metric, challenger_value=value, challenger_l0=l0, champion_version=champion_version,
                  champion_value=best, champion_l0=best_l0)
     if l0 > max_l0_factor * best_l0:

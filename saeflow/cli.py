@@ -61,6 +61,7 @@ def sweep(
     if cfg.sweep is None:
         _fail(f"{config} has no `sweep:` section (see configs/sweep-demo.yaml); use `saeflow run` for plain runs")
     from flows.sweep import sae_sweep
+    from sae.frontier import higher_is_better
     from sae.models import ModelLoadError
     from sae.sites import SiteError
 
@@ -71,7 +72,7 @@ def sweep(
     typer.echo(f"MLflow parent run: {out['run_id']}  (tracking URI {cfg.tracking_uri}); frontier/ holds the plots "
                "and comparison table")
     for r in out["comparison"]:
-        op = "≥" if r["metric"] == "ce_loss_recovered" else "≤"
+        op = "≥" if higher_is_better(r["metric"]) else "≤"
         l0 = "n/a" if r["l0_needed"] is None else f"{'≤' if r['how'] == 'at_most' else ''}{r['l0_needed']:.1f}"
         ratio = "" if r["ratio_to_baseline"] is None else f"  ×{r['ratio_to_baseline']:.2f} baseline"
         typer.echo(f"{r['site']:>14}  {r['architecture']:<11} {r['metric']} {op} {r['level']:<5g} L0 {l0:>7}{ratio}")
