@@ -39,10 +39,11 @@ def train_and_evaluate(config: PipelineConfig, run_id: str, tokens: TokenStoreRe
         promotions.setdefault(site, {}).update(promote_site_saes(config, tokens, site, trained, metrics))
 
 
-def run_tracked(config: PipelineConfig, flow_name: str, stages, tokens: TokenStoreRef | None = None,
-                acts: ActivationStoreRef | None = None) -> dict[str, Any]:
-    """Open the MLflow parent run, run `stages(run_id, tokens, acts, results, promotions)`, publish the results as
-    Prefect artifacts and close the run (FAILED if a stage raised). Shared by the pipeline, sweep and retrain flows."""
+def run_tracked(config: PipelineConfig, flow_name: str, tokens: TokenStoreRef | None = None,
+                acts: ActivationStoreRef | None = None, report=None) -> dict[str, Any]:
+    """Open the MLflow parent run, tokenize and extract (unless given), train → evaluate → promote, then
+    `report(run_id, results)` (the sweep's frontier; its dict joins the output), publish the results as Prefect
+    artifacts and close the run (FAILED if a stage raised). Shared by the pipeline, sweep and retrain flows."""
     run_id = start_pipeline_run(config, flow_name)
     results: dict[str, Any] = {}
     promotions: dict[str, Any] = {}
@@ -50,7 +51,9 @@ def run_tracked(config: PipelineConfig, flow_name: str, stages, tokens: TokenSto
     try:
         tokens = tokens or tokenize_dataset(config)
         acts = acts or extract_activations(config, tokens)
-        extra = stages(run_id, tokens, acts, results, promotions) or {}
+        train_and_evaluate(config, run_id, tokens, acts, results, promotions)
+        if report is not None:
+            extra = report(run_id, results)
         url = publish_results(config, run_id, results, promotions)
     except BaseException:
         finish_pipeline_run(config, run_id, results, status="FAILED")
@@ -63,8 +66,4 @@ def run_tracked(config: PipelineConfig, flow_name: str, stages, tokens: TokenSto
 def sae_pipeline(config: PipelineConfig) -> dict[str, Any]:
     """Text → token windows → activations → normalization stats → trained SAEs → evaluated, registered SAEs,
     each new version gated against its model's champion."""
-
-    def stages(run_id, tokens, acts, results, promotions):
-        train_and_evaluate(config, run_id, tokens, acts, results, promotions)
-
-    return run_tracked(config, "sae_pipeline", stages)
+    return run_tracked(config, "sae_pipeline")

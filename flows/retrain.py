@@ -7,7 +7,7 @@ from typing import Any
 
 from prefect import flow
 
-from flows.pipeline import run_tracked, train_and_evaluate
+from flows.pipeline import run_tracked
 from saeflow.config import PipelineConfig
 from tasks.extract import extract_activations
 from tasks.retrain import plan_retraining, publish_skip
@@ -25,8 +25,4 @@ def sae_retrain(config: PipelineConfig) -> dict[str, Any]:
         publish_skip(config, plan)
         return {"skipped": True, "reason": plan.reason}
     cfg = config.model_copy(update={"train": config.train.model_copy(update={"seed": plan.seed})})
-
-    def stages(run_id, tokens, acts, results, promotions):
-        train_and_evaluate(cfg, run_id, tokens, acts, results, promotions)
-
-    return {"skipped": False, "reason": plan.reason, **run_tracked(cfg, "sae_retrain", stages, tokens, acts)}
+    return {"skipped": False, "reason": plan.reason, **run_tracked(cfg, "sae_retrain", tokens, acts)}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 
@@ -202,10 +203,22 @@ def deploy(
     typer.echo(f"{len(ids)} deployments in work pool {pool!r}; run them with: prefect worker start --pool {pool}")
 
 
-def _tracker(tracking_uri: str | None, experiment: str = "saeflow"):
+@contextlib.contextmanager
+def _registry(tracking_uri: str | None):
+    """A registry-only tracker for `models` / `promote`; a missing local store or an unreachable server is one
+    error line, and nothing is created."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")  # a down server answers in seconds, not minutes
+    from mlflow.exceptions import MlflowException
+
     from storage.tracking import Tracker
 
-    return Tracker(tracking_uri or saeflow.default_tracking_uri(), experiment)
+    uri = tracking_uri or saeflow.default_tracking_uri()
+    if uri.startswith("sqlite:///") and not os.path.exists(uri.removeprefix("sqlite:///")):
+        _fail(f"no MLflow store at {uri}: run `saeflow run` first, or pass --tracking-uri / set MLFLOW_TRACKING_URI")
+    try:
+        yield Tracker(uri, None)
+    except MlflowException as e:
+        _fail(f"MLflow at {uri}: {e.message.splitlines()[0][:300]}")
 
 
 @app.command()
@@ -216,7 +229,8 @@ def models(
     """List registered SAEs: versions, aliases, held-out metrics and the promotion gate's decision."""
     from storage.registry import list_versions
 
-    rows = list_versions(_tracker(tracking_uri), pattern)
+    with _registry(tracking_uri) as tr:
+        rows = list_versions(tr, pattern)
     if not rows:
         typer.echo(f"no registered model matches {pattern!r}")
         return
@@ -241,10 +255,11 @@ def promote(
     """Move an alias (default champion) to a version by hand; the override is recorded on the version."""
     from storage.registry import RegistryError, promote_manually
 
-    try:
-        before = promote_manually(_tracker(tracking_uri), name, version, alias)
-    except RegistryError as e:
-        _fail(str(e))
+    with _registry(tracking_uri) as tr:
+        try:
+            before = promote_manually(tr, name, version, alias)
+        except RegistryError as e:
+            _fail(str(e))
     typer.echo(f"{name}@{alias} -> v{version}" + (f" (was v{before})" if before else ""))
 
 

@@ -66,9 +66,13 @@ def process_uris(uri: str):
 class Tracker:
     """Thin wrapper over MlflowClient for saeflow's run layout."""
 
-    def __init__(self, tracking_uri: str, experiment: str, artifact_location: str | None = None):
+    def __init__(self, tracking_uri: str, experiment: str | None, artifact_location: str | None = None):
+        """`experiment` None: registry work only (listing, promoting); no experiment is looked up or created."""
         self.tracking_uri = tracking_uri
         self.client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+        self.experiment_id: str | None = None
+        if experiment is None:
+            return
         exp = self.client.get_experiment_by_name(experiment)
         if exp is None:
             try:

@@ -112,3 +112,13 @@ def test_bad_schedule_and_promotion_settings_fail_with_one_line(override, words)
     r = run_cli("validate", f"{ROOT}/configs/demo.yaml", "--set", override)
     assert r.exit_code == 2
     assert error_line(r).startswith(f"error: {words}")
+
+
+def test_registry_commands_without_a_store_fail_with_one_line_and_create_nothing(tmp_path):
+    uri = f"sqlite:///{tmp_path}/nowhere/mlflow.db"
+    for args in (["models"], ["promote", "some.model", "1"]):
+        r = run_cli(*args, "--tracking-uri", uri)
+        assert r.exit_code == 2
+        assert error_line(r) == (f"error: no MLflow store at {uri}: run `saeflow run` first, or pass --tracking-uri "
+                                 "/ set MLFLOW_TRACKING_URI")
+    assert not (tmp_path / "nowhere").exists()
