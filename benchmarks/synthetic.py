@@ -13,12 +13,12 @@ the best cosine with a decoder row), the fraction of true features recovered at 
 from __future__ import annotations
 
 import argparse
-from sae import ARCHITECTURES
-from sae.synthetic import REFERENCE_SPECS, SyntheticActivations, SyntheticConfig, train_synthetic
+from saeflow.sae import ARCHITECTURES
+from saeflow.sae.evaluation.synthetic import REFERENCE_SPECS, SyntheticActivations, SyntheticConfig, train_synthetic
 
 
 def default_specs(d_sae: int, only: list[str] | None = None) -> dict[str, dict]:
-    """Name → spec (sae.synthetic.REFERENCE_SPECS) for every registered architecture (or those in `only`)."""
+    """Name → spec (saeflow.sae.evaluation.synthetic.REFERENCE_SPECS) for every registered architecture (or those in `only`)."""
     return {name: {**spec, "d_sae": d_sae} for name, spec in REFERENCE_SPECS.items()
             if spec["architecture"] in ARCHITECTURES and (not only or spec["architecture"] in only)}
 

@@ -1,6 +1,6 @@
 """Training throughput of every registered SAE architecture, beside what the machine's matmuls could do.
 
-One training step = what `sae.training.SAETrainer.step` does for one SAE, minus its logging: loss forward, backward,
+One training step = what `saeflow.sae.training.trainer.SAETrainer.step` does for one SAE, minus its logging: loss forward, backward,
 parallel-gradient removal, gradient clipping, Adam, decoder renormalisation. For each architecture we print tokens/s
 next to
 (a) the machine's dense matmul rate, measured in the same run on a [B, d_in] × [d_in, d_sae] torch.mm (fp32, or
@@ -29,8 +29,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from sae import ARCHITECTURES, SAE, TrainState, build_sae  # noqa: E402
-from sae.training import pick_device  # noqa: E402
+from saeflow.sae import ARCHITECTURES, SAE, TrainState, build_sae  # noqa: E402
+from saeflow.sae.device import pick_device  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

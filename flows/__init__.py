@@ -1,1 +1,4 @@
-import saeflow  # noqa: F401  (offline defaults before Prefect/MLflow import)
+"""Prefect flows: they only compose tasks; each reads like the pipeline diagram."""
+
+if __name__ != "saeflow.flows":  # only ever imported as part of saeflow
+    raise ImportError(f"import saeflow.flows, not {__name__}")

@@ -15,14 +15,14 @@ from typing import Any
 from prefect.deployments.runner import RunnerDeployment
 from prefect.schedules import Cron
 
-from flows.evaluate import evaluate_sae
-from flows.pipeline import sae_pipeline
-from flows.retrain import sae_retrain
-from flows.sweep import sae_sweep
+from saeflow.flows.evaluate import evaluate_sae
+from saeflow.flows.pipeline import sae_pipeline
+from saeflow.flows.retrain import sae_retrain
+from saeflow.flows.sweep import sae_sweep
 from saeflow.config import PipelineConfig, validate_config
-from storage.registry import CHAMPION
-from storage.text import looks_local
-from storage.tracking import registered_model_name
+from saeflow.storage.registry import CHAMPION
+from saeflow.storage.text import looks_local
+from saeflow.storage.tracking import registered_model_name
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENTRYPOINTS = {"sae_pipeline": "flows/pipeline.py:sae_pipeline", "sae_sweep": "flows/sweep.py:sae_sweep",

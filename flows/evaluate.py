@@ -7,10 +7,10 @@ from typing import Any
 from prefect import flow
 
 from saeflow.config import PipelineConfig
-from tasks.evaluate import evaluate_sae_reference
-from tasks.sae_reference import resolve_sae_reference
-from tasks.tokenize import tokenize_dataset
-from tasks.tracking import publish_results
+from saeflow.tasks.evaluate import evaluate_sae_reference
+from saeflow.tasks.sae_reference import resolve_sae_reference
+from saeflow.tasks.tokenize import tokenize_dataset
+from saeflow.tasks.tracking import publish_results
 
 
 @flow(name="evaluate_sae", log_prints=True)

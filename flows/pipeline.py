@@ -7,15 +7,15 @@ from typing import Any
 from prefect import flow
 
 from saeflow.config import PipelineConfig
-from storage.activations import ActivationStoreRef
-from storage.tokens import TokenStoreRef
-from tasks.evaluate import evaluate_site_saes
-from tasks.extract import extract_activations
-from tasks.promote import promote_site_saes
-from tasks.stats import compute_stats
-from tasks.tokenize import tokenize_dataset
-from tasks.tracking import finish_pipeline_run, log_token_manifest, publish_results, start_pipeline_run
-from tasks.train import train_site_saes
+from saeflow.storage.activations import ActivationStoreRef
+from saeflow.storage.tokens import TokenStoreRef
+from saeflow.tasks.evaluate import evaluate_site_saes
+from saeflow.tasks.extract import extract_activations
+from saeflow.tasks.promote import promote_site_saes
+from saeflow.tasks.stats import compute_stats
+from saeflow.tasks.tokenize import tokenize_dataset
+from saeflow.tasks.tracking import finish_pipeline_run, log_token_manifest, publish_results, start_pipeline_run
+from saeflow.tasks.train import train_site_saes
 
 
 def training_groups(cfg: PipelineConfig) -> list[tuple[str, list]]:

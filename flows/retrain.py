@@ -7,11 +7,11 @@ from typing import Any
 
 from prefect import flow
 
-from flows.pipeline import run_tracked
+from saeflow.flows.pipeline import run_tracked
 from saeflow.config import PipelineConfig
-from tasks.extract import extract_activations
-from tasks.retrain import plan_retraining, publish_skip
-from tasks.tokenize import tokenize_dataset
+from saeflow.tasks.extract import extract_activations
+from saeflow.tasks.retrain import plan_retraining, publish_skip
+from saeflow.tasks.tokenize import tokenize_dataset
 
 
 @flow(name="sae_retrain", log_prints=True)

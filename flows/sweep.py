@@ -6,9 +6,9 @@ from typing import Any
 
 from prefect import flow
 
-from flows.pipeline import run_tracked
+from saeflow.flows.pipeline import run_tracked
 from saeflow.config import PipelineConfig
-from tasks.report import report_frontier
+from saeflow.tasks.report import report_frontier
 
 
 @flow(name="sae_sweep", log_prints=True)

@@ -1,19 +1,42 @@
-"""saeflow's pure-torch SAE library: architectures, training, metrics, and the model side.
+"""saeflow's pure-torch SAE library: architectures, the language-model side, training, evaluation.
 
 Imports nothing from Prefect, MLflow, Zarr or Dask, so it works in a notebook:
 
-    from sae import build_sae, TopKConfig
+    from saeflow.sae import build_sae, TopKConfig
     sae = build_sae(TopKConfig(k=32, expansion_factor=8), d_in=768)
+
+Subpackages: `architectures` (the SAE interface, the registry, one file per architecture), `lm` (loading HF
+models, sites, capture and splicing, tokenization), `training` (the training loop and its memory check),
+`evaluation` (metrics, the held-out evaluation, AFA, frontiers, plots, the promotion rule, synthetic ground truth).
 """
 
-from sae.base import ARCHITECTURES, SAE, SAEConfig, SAEOutput, TrainState, build_sae, config_from_dict, register
-from sae.gated import GatedConfig, GatedSAE
-from sae.jumprelu import JumpReLUConfig, JumpReLUSAE
-from sae.batchtopk import BatchTopKConfig, BatchTopKSAE
-from sae.matryoshka import MatryoshkaConfig, MatryoshkaSAE
-from sae.relu import ReLUConfig, ReLUSAE
-from sae.topafa import TopAFAConfig, TopAFASAE
-from sae.topk import TopKConfig, TopKSAE
+if __name__ != "saeflow.sae":  # a copy on sys.path as a bare `sae` would register every architecture twice
+    raise ImportError(f"import saeflow.sae, not {__name__}: the library is installed as part of saeflow")
+
+from saeflow.sae.architectures import (
+    ARCHITECTURES,
+    SAE,
+    BatchTopKConfig,
+    BatchTopKSAE,
+    GatedConfig,
+    GatedSAE,
+    JumpReLUConfig,
+    JumpReLUSAE,
+    MatryoshkaConfig,
+    MatryoshkaSAE,
+    ReLUConfig,
+    ReLUSAE,
+    SAEConfig,
+    SAEOutput,
+    TopAFAConfig,
+    TopAFASAE,
+    TopKConfig,
+    TopKSAE,
+    TrainState,
+    build_sae,
+    config_from_dict,
+    register,
+)
 
 __all__ = [
     "ARCHITECTURES",

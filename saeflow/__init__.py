@@ -1,32 +1,24 @@
-"""saeflow: Prefect flows from a language model to trained, evaluated, registered sparse autoencoders."""
+"""saeflow: Prefect flows from a language model to trained, evaluated, registered sparse autoencoders.
 
-import os
+One installed package: `saeflow.sae` (the pure-torch library), `saeflow.storage` (every byte at rest),
+`saeflow.tasks` and `saeflow.flows` (Prefect), `saeflow.cli` (the `saeflow` command). Importing any of them
+applies the environment defaults of `saeflow.env` first. The public API here is small and imports lazily.
+"""
 
-# Offline-friendly defaults; an explicit environment setting always wins.
-for _k, _v in {
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
-    "DO_NOT_TRACK": "true",
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-    "HF_HUB_DISABLE_TELEMETRY": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-}.items():
-    os.environ.setdefault(_k, _v)
+from __future__ import annotations
 
+from typing import TYPE_CHECKING
 
-def default_tracking_uri() -> str:
-    """$MLFLOW_TRACKING_URI, else the demo's SQLite store under ./saeflow-data (the config's default root)."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///" + os.path.abspath("saeflow-data/mlflow.db")
+from saeflow.env import default_tracking_uri
+
+if TYPE_CHECKING:
+    from saeflow.sae import SAE
+
+__all__ = ["default_tracking_uri", "load_sae"]
 
 
-def load_sae(ref: str, tracking_uri: str | None = None, device: str = "cpu"):
+def load_sae(ref: str, tracking_uri: str | None = None, device: str = "cpu") -> SAE:
     """Load an SAE as a torch module from a checkpoint directory or a registered model (`name@alias`, `name/3`)."""
-    import tempfile
+    from saeflow.storage.sae_sources import load_sae_ref
 
-    from storage.checkpoints import load_sae as load_dir
-    from storage.tracking import pull
-
-    if os.path.isdir(ref):
-        return load_dir(ref, device)
-    uri = tracking_uri or default_tracking_uri()
-    return load_dir(pull(ref, tempfile.mkdtemp(prefix="saeflow-pull-"), uri), device)
+    return load_sae_ref(ref, tracking_uri or default_tracking_uri(), device)

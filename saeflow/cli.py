@@ -35,9 +35,9 @@ def run(
 ) -> None:
     """Run sae_pipeline: tokenize → extract → stats → train → evaluate → register."""
     cfg = _config(config, set_)
-    from flows.pipeline import sae_pipeline
-    from sae.models import ModelLoadError
-    from sae.sites import SiteError
+    from saeflow.flows.pipeline import sae_pipeline
+    from saeflow.sae.lm.models import ModelLoadError
+    from saeflow.sae.lm.sites import SiteError
 
     try:
         out = sae_pipeline(cfg)
@@ -61,10 +61,10 @@ def sweep(
     cfg = _config(config, set_)
     if cfg.sweep is None:
         _fail(f"{config} has no `sweep:` section (see configs/sweep-demo.yaml); use `saeflow run` for plain runs")
-    from flows.sweep import sae_sweep
-    from sae.frontier import higher_is_better
-    from sae.models import ModelLoadError
-    from sae.sites import SiteError
+    from saeflow.flows.sweep import sae_sweep
+    from saeflow.sae.evaluation.frontier import higher_is_better
+    from saeflow.sae.lm.models import ModelLoadError
+    from saeflow.sae.lm.sites import SiteError
 
     try:
         out = sae_sweep(cfg)
@@ -98,9 +98,9 @@ def evaluate(
 ) -> None:
     """Evaluate any SAE on the config's held-out tokens (SPEC 5, 5.1) and log it to a new MLflow run."""
     cfg = _config(config, set_)
-    from flows.evaluate import evaluate_sae
-    from sae.models import ModelLoadError
-    from tasks.sae_reference import resolve_sae_reference
+    from saeflow.flows.evaluate import evaluate_sae
+    from saeflow.sae.lm.models import ModelLoadError
+    from saeflow.tasks.sae_reference import resolve_sae_reference
 
     try:
         resolve_sae_reference.fn(cfg, sae, site)  # fail fast, with one line, before Prefect starts a flow run
@@ -120,7 +120,7 @@ def pull(
     tracking_uri: str = typer.Option(None, help="MLflow URI; default $MLFLOW_TRACKING_URI or ./saeflow-data."),
 ) -> None:
     """Download a registered SAE (safetensors + cfg.json); load it with saeflow.load_sae(DIR)."""
-    from storage.tracking import pull as pull_model
+    from saeflow.storage.tracking import pull as pull_model
 
     uri = tracking_uri or saeflow.default_tracking_uri()
     try:
@@ -148,7 +148,7 @@ def _prefect_api_or_fail() -> str:
 
 
 def _describe_deployments(cfg, url: str) -> None:
-    from flows.deployments import NIGHTLY, next_nightly_run
+    from saeflow.flows.deployments import NIGHTLY, next_nightly_run
 
     r = cfg.retrain
     typer.echo(f"Prefect API {url}: deployments sae_pipeline/{cfg.name}, sae_sweep/{cfg.name}, "
@@ -168,7 +168,7 @@ def serve(
     url = _prefect_api_or_fail()
     from prefect import serve as prefect_serve
 
-    from flows.deployments import build_deployments
+    from saeflow.flows.deployments import build_deployments
 
     deployments = build_deployments(cfg)
     _describe_deployments(cfg, url)
@@ -189,7 +189,7 @@ def deploy(
     from prefect import deploy as prefect_deploy
     from prefect.client.orchestration import get_client
 
-    from flows.deployments import REPO_ROOT, build_deployments
+    from saeflow.flows.deployments import REPO_ROOT, build_deployments
 
     with get_client(sync_client=True) as client:
         try:
@@ -210,7 +210,7 @@ def _registry(tracking_uri: str | None):
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")  # a down server answers in seconds, not minutes
     from mlflow.exceptions import MlflowException
 
-    from storage.tracking import Tracker
+    from saeflow.storage.tracking import Tracker
 
     uri = tracking_uri or saeflow.default_tracking_uri()
     if uri.startswith("sqlite:///") and not os.path.exists(uri.removeprefix("sqlite:///")):
@@ -227,7 +227,7 @@ def models(
     tracking_uri: str = typer.Option(None, help="MLflow URI; default $MLFLOW_TRACKING_URI or ./saeflow-data."),
 ) -> None:
     """List registered SAEs: versions, aliases, held-out metrics and the promotion gate's decision."""
-    from storage.registry import list_versions
+    from saeflow.storage.registry import list_versions
 
     with _registry(tracking_uri) as tr:
         rows = list_versions(tr, pattern)
@@ -253,7 +253,7 @@ def promote(
     tracking_uri: str = typer.Option(None, help="MLflow URI; default $MLFLOW_TRACKING_URI or ./saeflow-data."),
 ) -> None:
     """Move an alias (default champion) to a version by hand; the override is recorded on the version."""
-    from storage.registry import RegistryError, promote_manually
+    from saeflow.storage.registry import RegistryError, promote_manually
 
     with _registry(tracking_uri) as tr:
         try:

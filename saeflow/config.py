@@ -14,10 +14,10 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-import sae
-from sae.base import ARCHITECTURES
-from sae.sites import parse_site
-from sae.training import TrainingConfig
+import saeflow.sae as sae
+from saeflow.sae.architectures.registry import ARCHITECTURES
+from saeflow.sae.lm.sites import parse_site
+from saeflow.sae.training import TrainingConfig
 
 
 class Strict(BaseModel):

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from storage.zarr_io import open_group
+from saeflow.storage.zarr_io import open_group
 
 TARGET_CHUNK_ROWS = 4096
 

@@ -20,10 +20,11 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from sae.base import SAE, build_sae, config_from_dict
+from saeflow.sae.architectures.base import SAE
+from saeflow.sae.architectures.registry import build_sae, config_from_dict
 
 if TYPE_CHECKING:
-    from sae.training import SAETrainer
+    from saeflow.sae.training import SAETrainer
 
 WEIGHTS = "sae_weights.safetensors"
 CONFIG = "cfg.json"

@@ -26,7 +26,7 @@ OUTPUTS = ("codes", "reconstruction")
 
 class SAEPyfunc(PythonModel):
     def load_context(self, context) -> None:
-        from sae.base import build_sae, config_from_dict
+        from saeflow.sae import build_sae, config_from_dict
 
         directory = context.artifacts["sae"]
         with open(os.path.join(directory, "cfg.json")) as f:

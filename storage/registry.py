@@ -16,8 +16,8 @@ from typing import Any
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
-from sae.promotion import PromotionDecision
-from storage.tracking import Tracker
+from saeflow.sae.evaluation.promotion import PromotionDecision
+from saeflow.storage.tracking import Tracker
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"

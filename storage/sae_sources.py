@@ -8,7 +8,7 @@ import os
 import re
 import tempfile
 
-from sae.base import SAE
+from saeflow.sae.architectures.base import SAE
 
 _HOOK = re.compile(r"^blocks\.(\d+)\.hook_(resid_post|mlp_out|resid_pre)$")
 
@@ -32,7 +32,7 @@ def site_from_hook(hook_name: str | None) -> str | None:
 def sniff_format(directory: str) -> tuple[str, dict]:
     """(`checkpoint` | `saelens`, what the SAE records) from a directory's cfg.json shape. The record always has
     `site` (None when unknown); saeflow checkpoints add their training metadata (input scale, outlier threshold…)."""
-    from storage.checkpoints import checkpoint_dir
+    from saeflow.storage.checkpoints import checkpoint_dir
 
     path = os.path.join(checkpoint_dir(directory), "cfg.json")
     if not os.path.exists(path):
@@ -50,7 +50,7 @@ def sniff_format(directory: str) -> tuple[str, dict]:
 def locate_sae(ref: str, tracking_uri: str) -> tuple[str, str, dict]:
     """(kind, local directory, what the SAE records — see `sniff_format`) of a reference; registered models are
     downloaded first."""
-    from storage.tracking import pull
+    from saeflow.storage.tracking import pull
 
     if os.path.isdir(ref):
         kind, recorded = sniff_format(ref)
@@ -66,7 +66,14 @@ def locate_sae(ref: str, tracking_uri: str) -> tuple[str, str, dict]:
 
 def load_sae_source(kind: str, path: str, device="cpu") -> SAE:
     """Load a located SAE: SAELens directories through the importer, everything else as a saeflow checkpoint."""
-    from storage.checkpoints import load_sae
-    from storage.saelens import import_saelens
+    from saeflow.storage.checkpoints import load_sae
+    from saeflow.storage.saelens import import_saelens
 
     return import_saelens(path, device) if kind == "saelens" else load_sae(path, device)
+
+
+def load_sae_ref(ref: str, tracking_uri: str, device="cpu") -> SAE:
+    """`saeflow.load_sae`: a checkpoint or SAELens directory as is, a registered model (`name@alias`, `name/3`)
+    downloaded to a fresh temporary directory first."""
+    kind, path, _ = locate_sae(ref, tracking_uri)
+    return load_sae_source(kind, path, device)

@@ -30,12 +30,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from sae.base import SAE, build_sae
-from sae.batchtopk import BatchTopKSAE
-from sae.gated import GatedConfig
-from sae.jumprelu import JumpReLUConfig
-from sae.relu import ReLUConfig
-from sae.topk import TopKConfig
+from saeflow.sae.architectures.base import SAE
+from saeflow.sae.architectures.registry import build_sae
+from saeflow.sae.architectures.batchtopk import BatchTopKSAE
+from saeflow.sae.architectures.gated import GatedConfig
+from saeflow.sae.architectures.jumprelu import JumpReLUConfig
+from saeflow.sae.architectures.relu import ReLUConfig
+from saeflow.sae.architectures.topk import TopKConfig
 
 WEIGHTS = "sae_weights.safetensors"  # SAELens' SAE_WEIGHTS_FILENAME
 CONFIG = "cfg.json"  # SAELens' SAE_CFG_FILENAME

@@ -16,8 +16,8 @@ import dask
 import dask.array as da
 import numpy as np
 
-from storage.activations import ActivationStoreRef
-from storage.zarr_io import open_group
+from saeflow.storage.activations import ActivationStoreRef
+from saeflow.storage.zarr_io import open_group
 
 
 @contextlib.contextmanager

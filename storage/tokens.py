@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from storage.zarr_io import open_group
+from saeflow.storage.zarr_io import open_group
 
 WINDOWS_PER_CHUNK = 256
 

@@ -25,7 +25,23 @@ CLASSIC_TRAINING = "custom_model_development"
 MODEL_URI_TAG = "saeflow.model_uri"
 """Run tag naming the run's logged SAE model (`models:/m-…`)."""
 SAE_MODEL_CODE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "mlflow_sae_model.py")
-SAE_LIBRARY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "sae")
+
+
+@contextlib.contextmanager
+def sae_library_code():
+    """A temporary `saeflow/` holding only the pure-torch `saeflow.sae` library: the code an MLflow SAE model ships
+    (MLflow puts its parent on sys.path at load time, so the model imports `saeflow.sae` like saeflow does)."""
+    import shutil
+
+    import saeflow.sae
+
+    with tempfile.TemporaryDirectory(prefix="saeflow-code-") as tmp:
+        package = os.path.join(tmp, "saeflow")
+        shutil.copytree(saeflow.sae.__path__[0], os.path.join(package, "sae"),
+                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        with open(os.path.join(package, "__init__.py"), "w") as f:
+            f.write('"""saeflow\'s SAE library, as shipped inside an MLflow model."""\n')
+        yield package
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
@@ -130,7 +146,7 @@ class Tracker:
         """The SAE logged on a run (its MLflow model, or a raw `sae/` checkpoint), loaded as a module."""
         import mlflow
 
-        from storage.checkpoints import load_sae
+        from saeflow.storage.checkpoints import load_sae
 
         model_uri = self.client.get_run(run_id).data.tags.get(MODEL_URI_TAG)
         with tempfile.TemporaryDirectory() as tmp:
@@ -158,10 +174,10 @@ class Tracker:
         # Created here, in the run's experiment: Model.log would put it in the process's active experiment.
         logged = self.client.create_logged_model(self.experiment_id, name="sae_model", source_run_id=run_id,
                                                  model_type="sparse-autoencoder", tags=tags)
-        with process_uris(self.tracking_uri):
+        with process_uris(self.tracking_uri), sae_library_code() as code:
             info = Model.log(
                 artifact_path=None, name="sae_model", flavor=mlflow.pyfunc, run_id=run_id, model_id=logged.model_id,
-                python_model=SAE_MODEL_CODE, artifacts={"sae": checkpoint}, code_paths=[SAE_LIBRARY],
+                python_model=SAE_MODEL_CODE, artifacts={"sae": checkpoint}, code_paths=[code],
                 signature=signature,
                 pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "safetensors", "pydantic>=2", "numpy",
                                   "mlflow"],
@@ -237,7 +253,7 @@ def pull(ref: str, dst: str, tracking_uri: str) -> str:
     """Download registered SAE `ref` into `dst`; returns the checkpoint directory (safetensors + cfg.json)."""
     import mlflow
 
-    from storage.checkpoints import checkpoint_dir
+    from saeflow.storage.checkpoints import checkpoint_dir
 
     os.makedirs(dst, exist_ok=True)
     try:
@@ -287,7 +303,7 @@ def publish_sae(
 ) -> str:
     """Log the SAE as its run's MLflow model (and its training-curves figure), register it as a new version of
     `name` with `tags`, point `alias` at it, and tag the run with the version. Returns the version."""
-    from storage.checkpoints import save_sae
+    from saeflow.storage.checkpoints import save_sae
 
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = save_sae(sae, os.path.join(tmp, "sae"), metadata)
@@ -328,9 +344,9 @@ def log_evaluation(
     import matplotlib.pyplot as plt
     import numpy as np
 
-    from sae.afa import decoder_cosines
-    from sae.evaluation import POSITIONS_NOTE
-    from sae.plots import decoder_cosine_histogram, feature_density, zf_plot
+    from saeflow.sae.evaluation.afa import decoder_cosines
+    from saeflow.sae.evaluation.evaluate import POSITIONS_NOTE
+    from saeflow.sae.evaluation.plots import decoder_cosine_histogram, feature_density, zf_plot
 
     m = ev.metrics
     tr.log_metrics(run_id, m, prefix="eval/")

@@ -1,3 +1,4 @@
 """Thin Prefect tasks: typed config in, artifact reference out. The work itself lives in sae/ and storage/."""
 
-import saeflow  # noqa: F401  (offline defaults before Prefect/MLflow import)
+if __name__ != "saeflow.tasks":  # only ever imported as part of saeflow
+    raise ImportError(f"import saeflow.tasks, not {__name__}")

@@ -9,13 +9,13 @@ from dataclasses import dataclass
 from prefect import get_run_logger
 from prefect.exceptions import MissingContextError
 
-from sae.models import LoadedModel, load_model
+from saeflow.sae.lm.models import LoadedModel, load_model
 from saeflow.config import PipelineConfig
-from storage.model_files import resolve_model_source
-from storage.text import dataset_fingerprint
-from storage.tokens import TokenStoreRef
-from storage.tracking import Tracker
-from storage.zarr_io import config_hash, join
+from saeflow.storage.model_files import resolve_model_source
+from saeflow.storage.text import dataset_fingerprint
+from saeflow.storage.tokens import TokenStoreRef
+from saeflow.storage.tracking import Tracker
+from saeflow.storage.zarr_io import config_hash, join
 
 
 TRACKING_RETRIES = {"retries": 3, "retry_delay_seconds": [2, 10, 30], "timeout_seconds": 300}

@@ -9,15 +9,15 @@ import numpy as np
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from sae.base import SAE
-from sae.evaluation import SAEEvaluation, evaluate_saes
-from sae.latents import TopContexts, choose_latents, collect_top_contexts_many, render_html, windows_needed
-from sae.models import LoadedModel
+from saeflow.sae.architectures.base import SAE
+from saeflow.sae.evaluation.evaluate import SAEEvaluation, evaluate_saes
+from saeflow.sae.evaluation.latents import TopContexts, choose_latents, collect_top_contexts_many, render_html, windows_needed
+from saeflow.sae.lm.models import LoadedModel
 from saeflow.config import EvalConfig, PipelineConfig
-from storage.tokens import TokenStoreRef, iter_window_batches, read_windows
-from storage.tracking import log_evaluation
-from tasks.common import TrainedSAE, loaded_model, prefect_run_tags, run_logger, tracker
-from tasks.sae_reference import SAEReference, load_reference
+from saeflow.storage.tokens import TokenStoreRef, iter_window_batches, read_windows
+from saeflow.storage.tracking import log_evaluation
+from saeflow.tasks.common import TrainedSAE, loaded_model, prefect_run_tags, run_logger, tracker
+from saeflow.tasks.sae_reference import SAEReference, load_reference
 
 SUMMARY_KEYS = ("fvu", "l0", "cosine_sim", "ce_loss_recovered", "kl_div", "pooled_cos_recovered", "afa_eps_lbo_median")
 

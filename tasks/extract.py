@@ -8,11 +8,11 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from tqdm.auto import tqdm
 
-from sae.sites import run_to_sites, site_width
+from saeflow.sae.lm.sites import run_to_sites, site_width
 from saeflow.config import PipelineConfig
-from storage.activations import ActivationStoreRef, ActivationWriter, open_activation_store
-from storage.tokens import TokenStoreRef, iter_window_batches
-from tasks.common import DOWNLOAD_RETRIES, activation_store_url, loaded_model, model_identity, run_logger
+from saeflow.storage.activations import ActivationStoreRef, ActivationWriter, open_activation_store
+from saeflow.storage.tokens import TokenStoreRef, iter_window_batches
+from saeflow.tasks.common import DOWNLOAD_RETRIES, activation_store_url, loaded_model, model_identity, run_logger
 
 
 @task(name="extract", cache_policy=NO_CACHE, **DOWNLOAD_RETRIES)  # resumable: a retry continues

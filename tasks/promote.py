@@ -8,9 +8,9 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from sae.promotion import decide, promotion_metric
+from saeflow.sae.evaluation.promotion import decide, promotion_metric
 from saeflow.config import PipelineConfig
-from storage.registry import (
+from saeflow.storage.registry import (
     CHAMPION,
     EVAL_HASH_TAG,
     record_decision,
@@ -18,15 +18,15 @@ from storage.registry import (
     version_by_alias,
     version_metrics,
 )
-from storage.tokens import TokenStoreRef, eval_split_hash
-from tasks.common import TRACKING_RETRIES, TrainedSAE, loaded_model, run_logger, tracker
+from saeflow.storage.tokens import TokenStoreRef, eval_split_hash
+from saeflow.tasks.common import TRACKING_RETRIES, TrainedSAE, loaded_model, run_logger, tracker
 
 
 def rescore_champion(cfg: PipelineConfig, tokens: TokenStoreRef, site: str, name: str, version: str
                      ) -> dict[str, float]:
     """The champion's metrics on this run's held-out tokens (its own tags were measured on other ones)."""
-    from tasks.evaluate import run_evaluation
-    from tasks.sae_reference import load_reference, resolve_sae_reference
+    from saeflow.tasks.evaluate import run_evaluation
+    from saeflow.tasks.sae_reference import load_reference, resolve_sae_reference
 
     ref = resolve_sae_reference.fn(cfg, f"{name}/{version}", site)
     lm = loaded_model(cfg)

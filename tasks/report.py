@@ -9,10 +9,10 @@ import matplotlib.pyplot as plt
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from sae.frontier import comparison_table, rows_as_dicts, sweep_points, table_csv, table_markdown
-from sae.plots import frontier
+from saeflow.sae.evaluation.frontier import comparison_table, rows_as_dicts, sweep_points, table_csv, table_markdown
+from saeflow.sae.evaluation.plots import frontier
 from saeflow.config import PipelineConfig
-from tasks.common import run_logger, tracker
+from saeflow.tasks.common import run_logger, tracker
 
 FRONTIER_PLOTS = {"fvu": "frontier/l0_vs_fvu.png", "ce_loss_recovered": "frontier/l0_vs_ce_recovered.png"}
 """Fidelity metric → artifact path of its L0 frontier plot on the parent run."""

@@ -8,11 +8,11 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from saeflow.config import PipelineConfig
-from storage.activations import ActivationStoreRef
-from storage.registry import CHAMPION, version_by_alias
-from storage.tracking import registered_model_name
-from tasks.common import TRACKING_RETRIES, run_logger, tracker
-from tasks.train import RETRAIN_KEYS, version_identity
+from saeflow.storage.activations import ActivationStoreRef
+from saeflow.storage.registry import CHAMPION, version_by_alias
+from saeflow.storage.tracking import registered_model_name
+from saeflow.tasks.common import TRACKING_RETRIES, run_logger, tracker
+from saeflow.tasks.train import RETRAIN_KEYS, version_identity
 
 
 @dataclass(frozen=True)

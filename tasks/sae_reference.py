@@ -10,11 +10,11 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from torch import nn
 
-from sae.base import SAE
-from sae.sites import parse_site, site_module, site_width
+from saeflow.sae.architectures.base import SAE
+from saeflow.sae.lm.sites import parse_site, site_module, site_width
 from saeflow.config import PipelineConfig
-from storage.sae_sources import SAEReferenceError, load_sae_source, locate_sae
-from tasks.common import loaded_model, run_logger
+from saeflow.storage.sae_sources import SAEReferenceError, load_sae_source, locate_sae
+from saeflow.tasks.common import loaded_model, run_logger
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,7 @@ class SAEReference:
 
 def check_fit(sae: SAE, model: nn.Module, site: str | None, recorded: str | None) -> str:
     """The site to evaluate at; raises SAEReferenceError on an unknown or mismatched site or width."""
-    from sae.sites import SiteError
+    from saeflow.sae.lm.sites import SiteError
 
     if site is None and recorded is None:
         raise SAEReferenceError("the SAE does not record its site: pass --site, e.g. --site resid_post.6")

@@ -6,9 +6,9 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from saeflow.config import PipelineConfig
-from storage.activations import ActivationStoreRef
-from storage.stats import compute_site_stats, dask_client, load_site_stats, save_site_stats
-from tasks.common import run_logger, tracker
+from saeflow.storage.activations import ActivationStoreRef
+from saeflow.storage.stats import compute_site_stats, dask_client, load_site_stats, save_site_stats
+from saeflow.tasks.common import run_logger, tracker
 
 
 @task(name="stats", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=10)  # a Dask cluster that failed to start

@@ -3,11 +3,11 @@ from __future__ import annotations
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from sae.tokenize import pack_windows
+from saeflow.sae.lm.tokenize import pack_windows
 from saeflow.config import PipelineConfig
-from storage.text import load_texts
-from storage.tokens import TokenStoreRef, open_token_store, write_token_store
-from tasks.common import DOWNLOAD_RETRIES, loaded_model, run_logger, token_store_url
+from saeflow.storage.text import load_texts
+from saeflow.storage.tokens import TokenStoreRef, open_token_store, write_token_store
+from saeflow.tasks.common import DOWNLOAD_RETRIES, loaded_model, run_logger, token_store_url
 
 
 @task(name="tokenize", cache_policy=NO_CACHE, **DOWNLOAD_RETRIES)

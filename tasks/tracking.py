@@ -7,9 +7,9 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from saeflow.config import PipelineConfig
-from storage.tokens import TokenStoreRef
-from storage.tracking import code_version
-from tasks.common import TRACKING_RETRIES, prefect_run_tags, run_logger, tracker
+from saeflow.storage.tokens import TokenStoreRef
+from saeflow.storage.tracking import code_version
+from saeflow.tasks.common import TRACKING_RETRIES, prefect_run_tags, run_logger, tracker
 
 
 @task(name="start-mlflow-run", cache_policy=NO_CACHE, **TRACKING_RETRIES)

@@ -8,23 +8,24 @@ import torch
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from sae.base import SAEConfig, build_sae
-from sae.plots import training_curves
-from sae.training import (
+from saeflow.sae.architectures.base import SAEConfig
+from saeflow.sae.architectures.registry import build_sae
+from saeflow.sae.evaluation.plots import training_curves
+from saeflow.sae.device import pick_device
+from saeflow.sae.training import (
     SAETrainer,
     check_training_memory,
     estimate_training_memory,
     memory_report,
-    pick_device,
     train_saes,
 )
 from saeflow.config import PipelineConfig
-from storage.activations import ActivationStoreRef, iter_training_batches, sample_rows, training_buffer_bytes
-from storage.checkpoints import clear_training_state, load_training_state, save_training_state
-from storage.registry import CHALLENGER
-from storage.tracking import code_version, open_sae_runs, publish_sae, registered_model_name
-from storage.zarr_io import config_hash
-from tasks.common import TrainedSAE, model_identity, prefect_run_tags, run_logger, tracker
+from saeflow.storage.activations import ActivationStoreRef, iter_training_batches, sample_rows, training_buffer_bytes
+from saeflow.storage.checkpoints import clear_training_state, load_training_state, save_training_state
+from saeflow.storage.registry import CHALLENGER
+from saeflow.storage.tracking import code_version, open_sae_runs, publish_sae, registered_model_name
+from saeflow.storage.zarr_io import config_hash
+from saeflow.tasks.common import TrainedSAE, model_identity, prefect_run_tags, run_logger, tracker
 
 RETRAIN_KEYS = ("data_hash", "config_hash", "train_hash")
 """Version tags that say what an SAE was trained from; equal on every SAE means a retrain would change nothing

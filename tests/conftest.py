@@ -31,7 +31,7 @@ def tiny_gpt2_dir(tmp_path_factory) -> str:
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from storage.text import python_docs_texts
+    from saeflow.storage.text import python_docs_texts
 
     d = str(tmp_path_factory.mktemp("tiny-gpt2"))
     texts = [row["text"] for _, row in zip(range(300), python_docs_texts())]

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from sae import ReLUConfig, build_sae
-from sae.afa import AFAAccumulator, decoder_cosines, decoder_geometry
+from saeflow.sae import ReLUConfig, build_sae
+from saeflow.sae.evaluation.afa import AFAAccumulator, decoder_cosines, decoder_geometry
 
 D, N = 16, 6
 
@@ -104,7 +104,7 @@ def test_decoder_cosines_match_brute_force_and_orthonormal_rows_are_orthogonal()
 
 
 def test_zf_plot_and_decoder_cosine_histogram_draw_data():
-    from sae.plots import decoder_cosine_histogram, zf_plot
+    from saeflow.sae.evaluation.plots import decoder_cosine_histogram, zf_plot
 
     sae, rows, _ = orthonormal_sae()
     acc = AFAAccumulator(sae)

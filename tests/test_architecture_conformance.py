@@ -7,11 +7,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sae.base import ARCHITECTURES, SAE, build_sae, register
-from sae.sites import splice_site
-from sae.training import TrainingConfig, train_saes
-from storage.checkpoints import load_sae, save_sae
-from storage.saelens import EXPORT_ARCHITECTURE, SAELensFormatError, export_saelens, import_saelens
+from saeflow.sae.architectures.base import SAE
+from saeflow.sae.architectures.registry import ARCHITECTURES, build_sae, register
+from saeflow.sae.lm.sites import splice_site
+from saeflow.sae.training import TrainingConfig, train_saes
+from saeflow.storage.checkpoints import load_sae, save_sae
+from saeflow.storage.saelens import EXPORT_ARCHITECTURE, SAELensFormatError, export_saelens, import_saelens
 
 D_IN = 32
 
@@ -77,7 +78,7 @@ def test_architecture_conforms(arch, tmp_path, tiny_gpt2_dir):
 
 
 def test_registering_a_taken_architecture_name_raises():
-    with pytest.raises(ValueError, match="SAE architecture 'topk' is already registered by sae.topk.TopKSAE"):
+    with pytest.raises(ValueError, match="SAE architecture 'topk' is already registered by saeflow.sae.architectures.topk.TopKSAE"):
         @register("topk")
         class Impostor(SAE):  # noqa: F841
             pass

@@ -9,14 +9,14 @@ import yaml
 from mlflow import MlflowClient
 from typer.testing import CliRunner
 
-from sae import ReLUConfig, build_sae
+from saeflow.sae import ReLUConfig, build_sae
 from saeflow.cli import app
 from saeflow.config import load_config
-from storage.checkpoints import save_sae
-from storage.saelens import export_saelens, hook_name_for_site
-from tasks.common import tracker
-from storage.sae_sources import site_from_hook
-from tasks.sae_reference import load_reference, resolve_sae_reference
+from saeflow.storage.checkpoints import save_sae
+from saeflow.storage.saelens import export_saelens, hook_name_for_site
+from saeflow.tasks.common import tracker
+from saeflow.storage.sae_sources import site_from_hook
+from saeflow.tasks.sae_reference import load_reference, resolve_sae_reference
 
 SITE = "resid_post.1"
 PLOTS = {"plots/feature_density.png", "plots/zf.png", "plots/decoder_cosines.png"}
@@ -138,9 +138,9 @@ def test_saelens_hook_names_map_to_sites():
 
 
 def test_a_checkpoint_is_evaluated_without_the_outlier_rows_its_training_left_out(config_file, tmp_path):
-    from sae.sites import run_to_sites
-    from storage.tokens import open_token_store, read_windows
-    from tasks.common import loaded_model, token_store_url
+    from saeflow.sae.lm.sites import run_to_sites
+    from saeflow.storage.tokens import open_token_store, read_windows
+    from saeflow.tasks.common import loaded_model, token_store_url
 
     cfg = load_config(config_file)
     sae = random_sae(seed=1)

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from sae import ReLUConfig, build_sae
-from sae.evaluation import eval_set_mean, evaluate_saes, evaluate_site
-from sae.metrics import ReconstructionMetrics, pooled_cosine_sum
-from sae.models import load_model
-from sae.sites import run_to_sites
+from saeflow.sae import ReLUConfig, build_sae
+from saeflow.sae.evaluation.evaluate import eval_set_mean, evaluate_saes, evaluate_site
+from saeflow.sae.evaluation.metrics import ReconstructionMetrics, pooled_cosine_sum
+from saeflow.sae.lm.models import load_model
+from saeflow.sae.lm.sites import run_to_sites
 
 
 def identity_sae(d: int):
@@ -157,7 +157,7 @@ def test_pooled_cosine_matches_numpy():
 
 
 def test_feature_density_plot_draws_a_histogram_of_log_frequencies():
-    from sae.plots import feature_density
+    from saeflow.sae.evaluation.plots import feature_density
 
     freqs = np.r_[np.zeros(5), np.logspace(-4, -1, 95)]
     fig = feature_density(freqs, "t")

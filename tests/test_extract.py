@@ -7,12 +7,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from storage.activations import open_activation_store
-from storage.tokens import read_windows
-from storage.zarr_io import open_group
-from tasks.common import activation_store_url
-from tasks.extract import extract_activations
-from tasks.tokenize import tokenize_dataset
+from saeflow.storage.activations import open_activation_store
+from saeflow.storage.tokens import read_windows
+from saeflow.storage.zarr_io import open_group
+from saeflow.tasks.common import activation_store_url
+from saeflow.tasks.extract import extract_activations
+from saeflow.tasks.tokenize import tokenize_dataset
 
 
 def test_token_windows_start_with_bos_and_split_train_eval(make_config):

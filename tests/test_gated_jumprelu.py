@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
-from sae import GatedConfig, GatedSAE, JumpReLUConfig, JumpReLUSAE, TrainState, build_sae
-from sae.jumprelu import JumpReLUSTE, StepSTE
-from sae.losses import reconstruction_loss
-from sae.training import TrainingConfig, train_saes
+from saeflow.sae import GatedConfig, GatedSAE, JumpReLUConfig, JumpReLUSAE, TrainState, build_sae
+from saeflow.sae.architectures.jumprelu import JumpReLUSTE, StepSTE
+from saeflow.sae.architectures.losses import reconstruction_loss
+from saeflow.sae.training import TrainingConfig, train_saes
 
 D = 16
 
@@ -191,7 +191,7 @@ def test_jumprelu_l0_penalty_raised_the_thresholds(trained):
 
 @pytest.mark.parametrize("index", [0, 1], ids=["gated", "jumprelu"])
 def test_checkpoint_round_trip_gives_identical_outputs(trained, index, tmp_path):
-    from storage.checkpoints import load_sae, save_sae
+    from saeflow.storage.checkpoints import load_sae, save_sae
 
     sae = trained[index]
     loaded = load_sae(save_sae(sae, str(tmp_path / "ckpt")))

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sae.synthetic import REFERENCE_SPECS, SyntheticActivations, SyntheticConfig, train_synthetic
+from saeflow.sae.evaluation.synthetic import REFERENCE_SPECS, SyntheticActivations, SyntheticConfig, train_synthetic
 
 D, FEATURES, D_SAE, STEPS, BATCH = 64, 128, 256, 1500, 512
 SPECS = {name: REFERENCE_SPECS[name] for name in

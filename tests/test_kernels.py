@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sae import TopKConfig, TrainState, build_sae
-from sae.kernels import decode_topk, dense_decode, sparse_decode, use_sparse
+from saeflow.sae import TopKConfig, TrainState, build_sae
+from saeflow.sae.architectures.kernels import decode_topk, dense_decode, sparse_decode, use_sparse
 
 B, D_IN, D_SAE, K = 64, 48, 512, 8
 

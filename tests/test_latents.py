@@ -8,10 +8,10 @@ import html
 import pytest
 import torch
 
-from sae import ReLUConfig, build_sae
-from sae.latents import TopContexts, choose_latents, collect_top_contexts, render_html, windows_needed
-from sae.models import load_model
-from sae.sites import run_to_sites
+from saeflow.sae import ReLUConfig, build_sae
+from saeflow.sae.evaluation.latents import TopContexts, choose_latents, collect_top_contexts, render_html, windows_needed
+from saeflow.sae.lm.models import load_model
+from saeflow.sae.lm.sites import run_to_sites
 
 SITE = "resid_post.1"
 

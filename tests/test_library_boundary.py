@@ -8,14 +8,14 @@ import pkgutil
 import subprocess
 import sys
 
-import sae
+import saeflow.sae as sae
 
 FORBIDDEN = ("prefect", "mlflow", "zarr", "dask", "distributed")
 
 
 def test_importing_every_sae_module_loads_no_pipeline_infrastructure():
-    modules = sorted(f"sae.{m.name}" for m in pkgutil.iter_modules(sae.__path__))
-    assert {"sae.base", "sae.promotion", "sae.training", "sae.evaluation"} <= set(modules)
+    modules = sorted(m.name for m in pkgutil.walk_packages(sae.__path__, "saeflow.sae."))
+    assert {"saeflow.sae.architectures.base", "saeflow.sae.evaluation.promotion", "saeflow.sae.training.trainer", "saeflow.sae.evaluation.evaluate"} <= set(modules)
     code = ("import importlib, sys\n"
             f"for m in {modules!r}: importlib.import_module(m)\n"
             f"print(sorted({{n.split('.')[0] for n in sys.modules}} & set({FORBIDDEN!r})))")

@@ -10,13 +10,13 @@ from mlflow import MlflowClient
 from typer.testing import CliRunner
 
 import saeflow
-from flows.pipeline import sae_pipeline
-from sae.base import ARCHITECTURES
-from sae.evaluation import evaluate_site
-from sae.models import load_model
+from saeflow.flows.pipeline import sae_pipeline
+from saeflow.sae.architectures.registry import ARCHITECTURES
+from saeflow.sae.evaluation.evaluate import evaluate_site
+from saeflow.sae.lm.models import load_model
 from saeflow.cli import app
-from storage.tokens import iter_window_batches, open_token_store
-from tasks.common import token_store_url
+from saeflow.storage.tokens import iter_window_batches, open_token_store
+from saeflow.tasks.common import token_store_url
 
 from tests.conftest import tiny_config
 

@@ -14,8 +14,8 @@ from mlflow import MlflowClient
 from typer.testing import CliRunner
 
 import saeflow
-from flows.pipeline import sae_pipeline
-from flows.retrain import sae_retrain
+from saeflow.flows.pipeline import sae_pipeline
+from saeflow.flows.retrain import sae_retrain
 from saeflow.cli import app
 
 from tests.conftest import tiny_config
@@ -138,7 +138,7 @@ def test_manual_promote_moves_the_alias_and_is_recorded(gated):
 def test_pyfunc_model_encodes_like_load_sae_and_nothing_is_pickled(gated):
     import mlflow
 
-    from storage.tracking import process_uris
+    from saeflow.storage.tracking import process_uris
 
     cfg, outs, name = gated
     with process_uris(cfg.tracking_uri):  # as `mlflow.set_tracking_uri(...)` would, without leaking to other tests
@@ -164,7 +164,7 @@ def test_pyfunc_model_encodes_like_load_sae_and_nothing_is_pickled(gated):
 
 
 def test_promotion_rule():
-    from sae.promotion import decide, promotion_metric
+    from saeflow.sae.evaluation.promotion import decide, promotion_metric
 
     assert promotion_metric("auto", True) == "ce_loss_recovered" and promotion_metric("auto", False) == "fvu"
     champ = {"ce_loss_recovered": 0.90, "fvu": 0.20, "l0": 32}
@@ -180,7 +180,7 @@ def test_promotion_rule():
 
 
 def test_retrain_skips_unchanged_data_and_retrains_when_the_data_grows(prefect_server, tiny_gpt2_dir, tmp_path):
-    from storage.text import python_docs_texts
+    from saeflow.storage.text import python_docs_texts
 
     corpus = tmp_path / "corpus"
     corpus.mkdir()

@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 import torch
 
-from sae import ReLUConfig, TopKConfig, build_sae
-from sae.training import TrainingConfig, TrainingMemoryError, train_saes
-from storage import checkpoints
-from storage.activations import ActivationStoreRef, ActivationWriter, TrainingBatches, sample_rows
-from storage.checkpoints import load_training_state, save_training_state
-from storage.stats import save_site_stats
+from saeflow.sae import ReLUConfig, TopKConfig, build_sae
+from saeflow.sae.training import TrainingConfig, TrainingMemoryError, train_saes
+from saeflow.storage import checkpoints
+from saeflow.storage.activations import ActivationStoreRef, ActivationWriter, TrainingBatches, sample_rows
+from saeflow.storage.checkpoints import load_training_state, save_training_state
+from saeflow.storage.stats import save_site_stats
 
 D, CHUNKS_PER_BUFFER, TOTAL = 32, 3, 1200
 CFG = TrainingConfig(batch_size=32, log_every=1, checkpoint_every_tokens=200, dead_tokens=128, device="cpu")
@@ -184,7 +184,7 @@ STATS = {"scale": 1.0, "n_rows_used": 716, "normalize": "none"}
 
 
 def test_too_large_a_group_fails_before_building_anything_with_one_line_naming_the_fix(store, tmp_path):
-    from tasks.train import train_site_saes
+    from saeflow.tasks.train import train_site_saes
 
     cfg = pipeline_config(str(tmp_path / "work"))
     cfg.saes[0] = TopKConfig(k=4, expansion_factor=10**8)  # 3.2e9 latents: terabytes of Adam state
@@ -201,8 +201,8 @@ def test_too_large_a_group_fails_before_building_anything_with_one_line_naming_t
 def test_a_killed_train_task_resumes_in_the_same_mlflow_runs_and_ends_like_an_uninterrupted_one(
     store, tmp_path, monkeypatch, caplog
 ):
-    import tasks.train as train_task
-    from tasks.common import tracker
+    import saeflow.tasks.train as train_task
+    from saeflow.tasks.common import tracker
 
     cfg = pipeline_config(str(tmp_path / "work"))
     tr = tracker(cfg)

@@ -13,9 +13,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from sae import build_sae
-from sae.base import SAE
-from storage.saelens import (
+from saeflow.sae import build_sae
+from saeflow.sae.architectures.base import SAE
+from saeflow.storage.saelens import (
     EXPORT_ARCHITECTURE,
     SAELensFormatError,
     export_saelens,

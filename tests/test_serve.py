@@ -197,7 +197,7 @@ def test_nightly_schedule_creates_runs_on_a_real_prefect_server_start(tiny_gpt2_
 
     import httpx
 
-    from flows.deployments import next_nightly_run
+    from saeflow.flows.deployments import next_nightly_run
 
     port = _free_port()
     api = f"http://127.0.0.1:{port}/api"

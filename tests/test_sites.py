@@ -19,7 +19,7 @@ from transformers import (
     LlamaForCausalLM,
 )
 
-from sae.sites import SiteError, capture_sites, parse_site, run_to_sites, site_module, splice_site
+from saeflow.sae.lm.sites import SiteError, capture_sites, parse_site, run_to_sites, site_module, splice_site
 
 SMALL = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64, vocab_size=100)
 

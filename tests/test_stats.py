@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from storage.activations import ActivationWriter, iter_training_batches
-from storage.stats import compute_site_stats, dask_client, save_site_stats
+from saeflow.storage.activations import ActivationWriter, iter_training_batches
+from saeflow.storage.stats import compute_site_stats, dask_client, save_site_stats
 
 
 @pytest.fixture(scope="module")

@@ -15,8 +15,8 @@ import yaml
 from mlflow import MlflowClient
 from typer.testing import CliRunner
 
-from sae.frontier import comparison_table, l0_needed, pareto_frontier, table_markdown
-from sae.plots import frontier
+from saeflow.sae.evaluation.frontier import comparison_table, l0_needed, pareto_frontier, table_markdown
+from saeflow.sae.evaluation.plots import frontier
 from saeflow.cli import app
 from saeflow.config import ConfigError, validate_config
 
@@ -151,7 +151,7 @@ def _artifact(client: MlflowClient, run_id: str, path: str) -> bytes:
 
 
 def _independent_l0(points: list[tuple[float, float]], level: float, higher: bool) -> float | None:
-    """Brute-force Pareto set + bracketing interpolation, written apart from sae.frontier."""
+    """Brute-force Pareto set + bracketing interpolation, written apart from saeflow.sae.evaluation.frontier."""
     s = 1 if higher else -1
     points = [p for p in points if p[0] > 0 and p[1] == p[1]]
     front = sorted(p for p in points if not any(q != p and q[0] <= p[0] and s * q[1] >= s * p[1] for q in points))

@@ -7,11 +7,11 @@ import math
 import pytest
 import torch
 
-from sae import BatchTopKSAE, MatryoshkaSAE, TopAFASAE, build_sae
-from sae.base import TrainState
-from sae.topafa import afa_select
-from sae.training import TrainingConfig, train_saes
-from storage.checkpoints import load_sae, save_sae
+from saeflow.sae import BatchTopKSAE, MatryoshkaSAE, TopAFASAE, build_sae
+from saeflow.sae.architectures.base import TrainState
+from saeflow.sae.architectures.topafa import afa_select
+from saeflow.sae.training import TrainingConfig, train_saes
+from saeflow.storage.checkpoints import load_sae, save_sae
 
 D, N_TRUE, K = 64, 256, 8
 

@@ -8,9 +8,10 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from sae.base import SAE, SAEConfig, SAEOutput, TrainState, register
-from sae.kernels import DecodeImpl, decode_topk
-from sae.losses import auxk_loss, reconstruction_loss
+from saeflow.sae.architectures.base import SAE, SAEConfig, SAEOutput, TrainState
+from saeflow.sae.architectures.registry import register
+from saeflow.sae.architectures.kernels import DecodeImpl, decode_topk
+from saeflow.sae.architectures.losses import auxk_loss, reconstruction_loss
 
 
 class TopKConfig(SAEConfig):

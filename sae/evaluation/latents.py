@@ -8,8 +8,8 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
-from sae.base import SAE
-from sae.sites import run_to_sites
+from saeflow.sae.architectures.base import SAE
+from saeflow.sae.lm.sites import run_to_sites
 
 HIST_EDGES = torch.logspace(-3, 3, 31)  # activation histogram bins (normalized units), fixed so memory is bounded
 

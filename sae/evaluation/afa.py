@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from sae.base import SAE
+from saeflow.sae.architectures.base import SAE
 
 
 class AFAAccumulator:

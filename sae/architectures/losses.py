@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from sae.kernels import sparse_decode
+from saeflow.sae.architectures.kernels import sparse_decode
 
 
 def reconstruction_loss(x: Tensor, x_hat: Tensor) -> Tensor:

@@ -8,9 +8,10 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from sae.base import SAEOutput, TrainState, register
-from sae.losses import auxk_loss, reconstruction_loss
-from sae.topk import TopKConfig, TopKSAE
+from saeflow.sae.architectures.base import SAEOutput, TrainState
+from saeflow.sae.architectures.registry import register
+from saeflow.sae.architectures.losses import auxk_loss, reconstruction_loss
+from saeflow.sae.architectures.topk import TopKConfig, TopKSAE
 
 
 class BatchTopKConfig(TopKConfig):

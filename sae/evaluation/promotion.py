@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sae.frontier import higher_is_better
+from saeflow.sae.evaluation.frontier import higher_is_better
 
 
 def promotion_metric(configured: str, has_lm_head: bool) -> str:

@@ -7,9 +7,10 @@ from typing import Literal
 from pydantic import Field, field_validator
 from torch import Tensor
 
-from sae.base import SAEOutput, TrainState, register
-from sae.batchtopk import BatchTopKConfig, BatchTopKSAE, batch_topk
-from sae.losses import auxk_loss, reconstruction_loss
+from saeflow.sae.architectures.base import SAEOutput, TrainState
+from saeflow.sae.architectures.registry import register
+from saeflow.sae.architectures.batchtopk import BatchTopKConfig, BatchTopKSAE, batch_topk
+from saeflow.sae.architectures.losses import auxk_loss, reconstruction_loss
 
 
 def _strictly_increasing(v: list) -> bool:

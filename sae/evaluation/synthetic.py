@@ -10,8 +10,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
-from sae.base import SAE
-from sae.metrics import ReconstructionMetrics
+from saeflow.sae.architectures.base import SAE
+from saeflow.sae.evaluation.metrics import ReconstructionMetrics
 
 
 class SyntheticConfig(BaseModel):
@@ -123,8 +123,8 @@ def train_synthetic(truth: SyntheticActivations, specs: list[dict], steps: int, 
     """Train every spec on one shared synthetic stream; return ([(spec, recovery metrics)], wall seconds)."""
     import time
 
-    from sae.base import build_sae, config_from_dict
-    from sae.training import TrainingConfig, train_saes
+    from saeflow.sae.architectures.registry import build_sae, config_from_dict
+    from saeflow.sae.training import TrainingConfig, train_saes
 
     torch.manual_seed(seed)
     saes = [build_sae(config_from_dict(s), truth.cfg.d) for s in specs]

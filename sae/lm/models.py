@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from sae.training import pick_device
+from saeflow.sae.device import pick_device
 
 
 class ModelLoadError(RuntimeError):

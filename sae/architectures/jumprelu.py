@@ -14,8 +14,9 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
-from sae.base import SAE, SAEConfig, SAEOutput, TrainState, register
-from sae.losses import reconstruction_loss, warmup
+from saeflow.sae.architectures.base import SAE, SAEConfig, SAEOutput, TrainState
+from saeflow.sae.architectures.registry import register
+from saeflow.sae.architectures.losses import reconstruction_loss, warmup
 
 
 def _rectangle(pre: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:

@@ -89,8 +89,8 @@ _FRONTIER_LABELS = {"l0": "L0 (active latents per token)", "fvu": "FVU (fraction
 
 def frontier(rows: list[dict], x: str, y: str, title: str):
     """Seed 1's Figure 1: one panel per site, `y` against `x` (log) per architecture. Each architecture's Pareto
-    frontier (`sae.frontier.pareto_frontier`) is its one line; its dominated points are unconnected markers."""
-    from sae.frontier import higher_is_better, pareto_frontier
+    frontier (`saeflow.sae.evaluation.frontier.pareto_frontier`) is its one line; its dominated points are unconnected markers."""
+    from saeflow.sae.evaluation.frontier import higher_is_better, pareto_frontier
 
     sites = sorted({r["site"] for r in rows})
     colors = {a: f"C{i}" for i, a in enumerate(sorted({r["architecture"] for r in rows}))}  # same in every panel

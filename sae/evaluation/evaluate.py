@@ -15,9 +15,9 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from sae.afa import AFAAccumulator, decoder_geometry
-from sae.base import SAE
-from sae.metrics import (
+from saeflow.sae.evaluation.afa import AFAAccumulator, decoder_geometry
+from saeflow.sae.architectures.base import SAE
+from saeflow.sae.evaluation.metrics import (
     ReconstructionMetrics,
     ce_loss_recovered,
     cosine_recovered,
@@ -25,7 +25,7 @@ from sae.metrics import (
     next_token_ce_sum,
     pooled_cosine_sum,
 )
-from sae.sites import capture_sites, run_to_sites, splice_site
+from saeflow.sae.lm.sites import capture_sites, run_to_sites, splice_site
 
 POSITIONS_NOTE = (
     "CE/KL over every next-token prediction of each eval window (encoder models: cosine of the final hidden state "

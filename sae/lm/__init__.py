@@ -1,0 +1,1 @@
+"""The language-model side: loading HF models, sites (where activations are read), capture and splicing, tokenization."""

@@ -1,0 +1,23 @@
+"""Training: the loop that steps a group of SAEs on shared batches, and the memory check before it."""
+
+from saeflow.sae.training.memory import (
+    MemoryEstimate,
+    TrainingMemoryError,
+    check_training_memory,
+    estimate_training_memory,
+    memory_report,
+)
+from saeflow.sae.training.trainer import SAETrainer, TrainingConfig, geometric_median, lr_lambda, train_saes
+
+__all__ = [
+    "MemoryEstimate",
+    "SAETrainer",
+    "TrainingConfig",
+    "TrainingMemoryError",
+    "check_training_memory",
+    "estimate_training_memory",
+    "geometric_median",
+    "lr_lambda",
+    "memory_report",
+    "train_saes",
+]
