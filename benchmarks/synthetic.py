@@ -13,14 +13,19 @@ the best cosine with a decoder row), the fraction of true features recovered at 
 from __future__ import annotations
 
 import argparse
+
 from saeflow.sae import ARCHITECTURES
 from saeflow.sae.evaluation.synthetic import REFERENCE_SPECS, SyntheticActivations, SyntheticConfig, train_synthetic
 
 
 def default_specs(d_sae: int, only: list[str] | None = None) -> dict[str, dict]:
-    """Name → spec (saeflow.sae.evaluation.synthetic.REFERENCE_SPECS) for every registered architecture (or those in `only`)."""
-    return {name: {**spec, "d_sae": d_sae} for name, spec in REFERENCE_SPECS.items()
-            if spec["architecture"] in ARCHITECTURES and (not only or spec["architecture"] in only)}
+    """Name → spec (saeflow.sae.evaluation.synthetic.REFERENCE_SPECS) for every registered architecture, or
+    those in `only`."""
+    return {
+        name: {**spec, "d_sae": d_sae}
+        for name, spec in REFERENCE_SPECS.items()
+        if spec["architecture"] in ARCHITECTURES and (not only or spec["architecture"] in only)
+    }
 
 
 def main() -> None:
@@ -38,15 +43,19 @@ def main() -> None:
     specs = list(labelled.values())
     rows, wall = train_synthetic(truth, specs, a.steps, a.batch_size, a.seed)
     true_l0 = rows[0][1]["true_l0"]
-    print(f"synthetic: d={a.d}, {a.features} true features, true L0 {true_l0:.2f}, d_sae={specs[0]['d_sae']}, "
-          f"{a.steps} steps × {a.batch_size} rows, {wall:.0f} s for all {len(specs)} SAEs on one stream")
+    print(
+        f"synthetic: d={a.d}, {a.features} true features, true L0 {true_l0:.2f}, d_sae={specs[0]['d_sae']}, "
+        f"{a.steps} steps × {a.batch_size} rows, {wall:.0f} s for all {len(specs)} SAEs on one stream"
+    )
     print(f"| {'architecture':<29} | {'FVU':>7} | {'L0':>6} | {'dead':>5} | {'MMCS':>6} | {'rec>0.9':>7} | {'γ':>6} |")
     print("|" + "---|" * 7)
     for name, (spec, m) in zip(labelled, rows):
         knobs = " ".join(f"{k} {v:g}" for k, v in spec.items() if k not in ("architecture", "lr", "d_sae"))
         label = f"{name} ({knobs})" if knobs else name
-        print(f"| {label:<29} | {m['fvu']:7.4f} | {m['l0']:6.2f} | {m['dead_fraction']:5.2f} | "
-              f"{m['mmcs']:6.3f} | {m['recovered']:7.1%} | {m['shrinkage_gamma']:6.3f} |")
+        print(
+            f"| {label:<29} | {m['fvu']:7.4f} | {m['l0']:6.2f} | {m['dead_fraction']:5.2f} | "
+            f"{m['mmcs']:6.3f} | {m['recovered']:7.1%} | {m['shrinkage_gamma']:6.3f} |"
+        )
 
 
 if __name__ == "__main__":

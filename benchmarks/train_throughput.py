@@ -1,8 +1,8 @@
 """Training throughput of every registered SAE architecture, beside what the machine's matmuls could do.
 
-One training step = what `saeflow.sae.training.trainer.SAETrainer.step` does for one SAE, minus its logging: loss forward, backward,
-parallel-gradient removal, gradient clipping, Adam, decoder renormalisation. For each architecture we print tokens/s
-next to
+One training step = what `saeflow.sae.training.trainer.SAETrainer.step` does for one SAE, minus its logging: loss
+forward, backward, parallel-gradient removal, gradient clipping, Adam, decoder renormalisation. For each
+architecture we print tokens/s next to
 (a) the machine's dense matmul rate, measured in the same run on a [B, d_in] × [d_in, d_sae] torch.mm (fp32, or
     bf16 where the step runs under bf16 autocast, as SAETrainer does on CUDA);
 (b) the FLOP floor of a dense SAE step, ≈ 12·d_in·d_sae per token (encoder and decoder matmuls forward, twice that
@@ -29,8 +29,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from saeflow.sae import ARCHITECTURES, SAE, TrainState, build_sae  # noqa: E402
-from saeflow.sae.device import pick_device  # noqa: E402
+from saeflow.sae import ARCHITECTURES, SAE, TrainState, build_sae
+from saeflow.sae.device import pick_device
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -42,11 +42,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--archs", nargs="*", default=None, help="architectures to time (default: all registered)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps before timing (allocator, BLAS, autotune)")
     p.add_argument("--reps", type=int, default=5, help="timed steps per architecture; the fastest is reported")
-    p.add_argument("--dead-fraction", type=float, default=0.0,
-                   help="fraction of latents marked dead, so AuxK runs (0 = no AuxK cost)")
+    p.add_argument(
+        "--dead-fraction",
+        type=float,
+        default=0.0,
+        help="fraction of latents marked dead, so AuxK runs (0 = no AuxK cost)",
+    )
     p.add_argument("--device", default="auto", help="cpu, cuda, or auto (cuda > mps > cpu)")
-    p.add_argument("--autocast", choices=["auto", "off", "bf16"], default="auto",
-                   help="mixed precision for the loss, as SAETrainer: auto = bf16 on CUDA, off elsewhere")
+    p.add_argument(
+        "--autocast",
+        choices=["auto", "off", "bf16"],
+        default="auto",
+        help="mixed precision for the loss, as SAETrainer: auto = bf16 on CUDA, off elsewhere",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     return p.parse_args(argv)
 
@@ -129,8 +137,10 @@ def main(argv: list[str] | None = None) -> None:
     if unknown:
         raise SystemExit(f"unknown architectures {sorted(unknown)}; registered: {sorted(ARCHITECTURES)}")
     hw = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} CPU threads"
-    print(f"# torch {torch.__version__} on {device} ({hw}); d_in={args.d_in} d_sae={args.d_sae} "
-          f"batch={args.batch} k={args.k} dead_fraction={args.dead_fraction} warmup={args.warmup} reps={args.reps}")
+    print(
+        f"# torch {torch.__version__} on {device} ({hw}); d_in={args.d_in} d_sae={args.d_sae} "
+        f"batch={args.batch} k={args.k} dead_fraction={args.dead_fraction} warmup={args.warmup} reps={args.reps}"
+    )
 
     load, cores = os.getloadavg()[0], os.cpu_count() or 1
     if device.type == "cpu" and torch.get_num_threads() > 1 and load > cores:
@@ -154,8 +164,10 @@ def main(argv: list[str] | None = None) -> None:
     best = time_round_robin({"matmul": mm, **steps}, device, args.warmup, args.reps)
     peak = 2 * args.batch * args.d_in * args.d_sae / best.pop("matmul")
     shape = f"[{args.batch}x{args.d_in}]@[{args.d_in}x{args.d_sae}]"
-    print(f"# dense {'bf16' if amp else 'fp32'} matmul {shape}: {peak / 1e9:.1f} GFLOP/s; "
-          f"FLOP floor {floor / 1e6:.1f} MFLOP/token -> at most {peak / floor:,.0f} tokens/s\n")
+    print(
+        f"# dense {'bf16' if amp else 'fp32'} matmul {shape}: {peak / 1e9:.1f} GFLOP/s; "
+        f"FLOP floor {floor / 1e6:.1f} MFLOP/token -> at most {peak / floor:,.0f} tokens/s\n"
+    )
 
     header = f"| {'architecture':<20} | {'tokens/s':>10} | {'ms/step':>8} | {'L0':>7} | {'MFU vs floor':>12} |"
     print(header)
@@ -163,12 +175,16 @@ def main(argv: list[str] | None = None) -> None:
     tps = {name: args.batch / seconds for name, seconds in best.items()}
     for name, step in steps.items():
         l0 = float(step())  # one more step, untimed, for the L0 it trains at
-        print(f"| {name:<20} | {tps[name]:>10,.0f} | {1e3 * best[name]:>8.1f} | {l0:>7.1f} | "
-              f"{floor * tps[name] / peak:>11.1%} |")
+        print(
+            f"| {name:<20} | {tps[name]:>10,.0f} | {1e3 * best[name]:>8.1f} | {l0:>7.1f} | "
+            f"{floor * tps[name] / peak:>11.1%} |"
+        )
     if "topk" in archs:
         dense, sparse = tps["topk, dense decoder"], tps["topk, sparse decoder"]
-        print(f"\nTopK decoder (k={args.k}, d_sae={args.d_sae}): dense {dense:,.0f} tokens/s, "
-              f"sparse {sparse:,.0f} tokens/s, speed-up x{sparse / dense:.2f}")
+        print(
+            f"\nTopK decoder (k={args.k}, d_sae={args.d_sae}): dense {dense:,.0f} tokens/s, "
+            f"sparse {sparse:,.0f} tokens/s, speed-up x{sparse / dense:.2f}"
+        )
 
 
 if __name__ == "__main__":

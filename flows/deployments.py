@@ -10,23 +10,28 @@ from __future__ import annotations
 import datetime
 import os
 import zoneinfo
-from typing import Any
+from typing import Any, cast
 
+from prefect import Flow
 from prefect.deployments.runner import RunnerDeployment
 from prefect.schedules import Cron
 
+from saeflow.config import PipelineConfig, validate_config
 from saeflow.flows.evaluate import evaluate_sae
 from saeflow.flows.pipeline import sae_pipeline
 from saeflow.flows.retrain import sae_retrain
 from saeflow.flows.sweep import sae_sweep
-from saeflow.config import PipelineConfig, validate_config
 from saeflow.storage.registry import CHAMPION
 from saeflow.storage.text import looks_local
 from saeflow.storage.tracking import registered_model_name
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENTRYPOINTS = {"sae_pipeline": "flows/pipeline.py:sae_pipeline", "sae_sweep": "flows/sweep.py:sae_sweep",
-               "evaluate_sae": "flows/evaluate.py:evaluate_sae", "sae_retrain": "flows/retrain.py:sae_retrain"}
+ENTRYPOINTS = {
+    "sae_pipeline": "flows/pipeline.py:sae_pipeline",
+    "sae_sweep": "flows/sweep.py:sae_sweep",
+    "evaluate_sae": "flows/evaluate.py:evaluate_sae",
+    "sae_retrain": "flows/retrain.py:sae_retrain",
+}
 NIGHTLY = "nightly"
 TAGS = ["saeflow"]
 
@@ -56,8 +61,11 @@ def sweep_defaults(cfg: PipelineConfig) -> dict[str, Any]:
     """The sweep form's default: the config's own sweep, or a one-point grid per configured SAE to edit."""
     data = cfg.model_dump(mode="json")
     if cfg.sweep is None:
-        data["sweep"] = {"architectures": {s.architecture: s.model_dump(mode="json", exclude={"architecture", "name"})
-                                           for s in cfg.saes}}
+        data["sweep"] = {
+            "architectures": {
+                s.architecture: s.model_dump(mode="json", exclude={"architecture", "name"}) for s in cfg.saes
+            }
+        }
     data.pop("saes")
     return validate_config(data).model_dump(mode="json", exclude={"saes"})
 
@@ -76,24 +84,43 @@ def build_deployments(cfg: PipelineConfig, source: str | None = None) -> list[Ru
     params = {"config": cfg.model_dump(mode="json")}
     site, arch = cfg.extract.sites[0], cfg.saes[0].architecture
     first = registered_model_name(cfg.tracking.registered_model_prefix, cfg.model.name, site, arch)
-    flows = {"sae_pipeline": sae_pipeline, "sae_sweep": sae_sweep, "evaluate_sae": evaluate_sae,
-             "sae_retrain": sae_retrain}
+    flows: dict[str, Flow[..., Any]] = {
+        "sae_pipeline": sae_pipeline,
+        "sae_sweep": sae_sweep,
+        "evaluate_sae": evaluate_sae,
+        "sae_retrain": sae_retrain,
+    }
     if source is not None:
-        flows = {k: f.from_source(source=source, entrypoint=ENTRYPOINTS[k]) for k, f in flows.items()}
+        # Prefect's sync_compatible methods return the value itself when called from sync code, as here.
+        flows = {k: cast(Flow, f.from_source(source=source, entrypoint=ENTRYPOINTS[k])) for k, f in flows.items()}
     r = cfg.retrain
-    return [
+    deployments = [
         flows["sae_pipeline"].to_deployment(
-            cfg.name, parameters=params, tags=TAGS,
-            description=f"Train, evaluate and register the config's SAEs on {cfg.model.name} (config {cfg.name})."),
+            cfg.name,
+            parameters=params,
+            tags=TAGS,
+            description=f"Train, evaluate and register the config's SAEs on {cfg.model.name} (config {cfg.name}).",
+        ),
         flows["sae_sweep"].to_deployment(
-            cfg.name, parameters={"config": sweep_defaults(cfg)}, tags=TAGS,
-            description="Train a grid of SAEs (config.sweep) and log the L0–fidelity frontier report."),
+            cfg.name,
+            parameters={"config": sweep_defaults(cfg)},
+            tags=TAGS,
+            description="Train a grid of SAEs (config.sweep) and log the L0–fidelity frontier report.",
+        ),
         flows["evaluate_sae"].to_deployment(
-            cfg.name, parameters={**params, "sae": f"{first}@{CHAMPION}", "site": None}, tags=TAGS,
+            cfg.name,
+            parameters={**params, "sae": f"{first}@{CHAMPION}", "site": None},
+            tags=TAGS,
             description="Evaluate any SAE (NAME@ALIAS, NAME/VERSION, a checkpoint or SAELens directory) on the "
-                        "config's held-out tokens."),
+            "config's held-out tokens.",
+        ),
         flows["sae_retrain"].to_deployment(
-            NIGHTLY, parameters=params, tags=TAGS, schedules=[Cron(r.cron, timezone=r.timezone)],
+            NIGHTLY,
+            parameters=params,
+            tags=TAGS,
+            schedules=[Cron(r.cron, timezone=r.timezone)],
             description=f"Nightly retraining ({r.cron}, {r.timezone}): new data → new stores; unchanged → "
-                        f"{r.when_unchanged}; each new version is promoted only if it beats the champion."),
+            f"{r.when_unchanged}; each new version is promoted only if it beats the champion.",
+        ),
     ]
+    return [cast(RunnerDeployment, d) for d in deployments]

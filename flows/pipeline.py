@@ -25,8 +25,14 @@ def training_groups(cfg: PipelineConfig) -> list[tuple[str, list]]:
     return [(site, [spec]) for site in cfg.extract.sites for spec in cfg.saes]
 
 
-def train_and_evaluate(config: PipelineConfig, run_id: str, tokens: TokenStoreRef, acts: ActivationStoreRef,
-                       results: dict[str, Any], promotions: dict[str, Any]) -> None:
+def train_and_evaluate(
+    config: PipelineConfig,
+    run_id: str,
+    tokens: TokenStoreRef,
+    acts: ActivationStoreRef,
+    results: dict[str, Any],
+    promotions: dict[str, Any],
+) -> None:
     """Stats, then per training group: train → evaluate → promotion gate, under parent run `run_id`. Fills
     `results` ({site: {label: metrics}}) and `promotions` ({site: {label: decision}}) as sites finish, so a failure
     still leaves what was done."""
@@ -39,8 +45,13 @@ def train_and_evaluate(config: PipelineConfig, run_id: str, tokens: TokenStoreRe
         promotions.setdefault(site, {}).update(promote_site_saes(config, tokens, site, trained, metrics))
 
 
-def run_tracked(config: PipelineConfig, flow_name: str, tokens: TokenStoreRef | None = None,
-                acts: ActivationStoreRef | None = None, report=None) -> dict[str, Any]:
+def run_tracked(
+    config: PipelineConfig,
+    flow_name: str,
+    tokens: TokenStoreRef | None = None,
+    acts: ActivationStoreRef | None = None,
+    report=None,
+) -> dict[str, Any]:
     """Open the MLflow parent run, tokenize and extract (unless given), train → evaluate → promote, then
     `report(run_id, results)` (the sweep's frontier; its dict joins the output), publish the results as Prefect
     artifacts and close the run (FAILED if a stage raised). Shared by the pipeline, sweep and retrain flows."""

@@ -7,8 +7,8 @@ from typing import Any
 
 from prefect import flow
 
-from saeflow.flows.pipeline import run_tracked
 from saeflow.config import PipelineConfig
+from saeflow.flows.pipeline import run_tracked
 from saeflow.tasks.extract import extract_activations
 from saeflow.tasks.retrain import plan_retraining, publish_skip
 from saeflow.tasks.tokenize import tokenize_dataset

@@ -6,8 +6,8 @@ from typing import Any
 
 from prefect import flow
 
-from saeflow.flows.pipeline import run_tracked
 from saeflow.config import PipelineConfig
+from saeflow.flows.pipeline import run_tracked
 from saeflow.tasks.report import report_frontier
 
 
@@ -17,5 +17,6 @@ def sae_sweep(config: PipelineConfig) -> dict[str, Any]:
     `train.group_by_site`), then log L0–fidelity frontiers and the needed-L0 table to the parent run."""
     if config.sweep is None:
         raise ValueError(f"config {config.name!r} has no `sweep:` section; use `saeflow run` for a plain pipeline")
-    return run_tracked(config, "sae_sweep",
-                       report=lambda run_id, results: {"comparison": report_frontier(config, run_id, results)})
+    return run_tracked(
+        config, "sae_sweep", report=lambda run_id, results: {"comparison": report_frontier(config, run_id, results)}
+    )

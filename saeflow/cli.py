@@ -8,7 +8,7 @@ import sys
 
 import typer
 
-import saeflow  # noqa: F401  (offline defaults)
+import saeflow
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Train, evaluate and register SAEs.")
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "demo.yaml")
@@ -70,8 +70,10 @@ def sweep(
         out = sae_sweep(cfg)
     except (ModelLoadError, SiteError, FileNotFoundError, KeyError, ValueError) as e:
         _fail(str(e).strip("'\""))
-    typer.echo(f"MLflow parent run: {out['run_id']}  (tracking URI {cfg.tracking_uri}); frontier/ holds the plots "
-               "and comparison table")
+    typer.echo(
+        f"MLflow parent run: {out['run_id']}  (tracking URI {cfg.tracking_uri}); frontier/ holds the plots "
+        "and comparison table"
+    )
     for r in out["comparison"]:
         op = "≥" if higher_is_better(r["metric"]) else "≤"
         l0 = "n/a" if r["l0_needed"] is None else f"{'≤' if r['how'] == 'at_most' else ''}{r['l0_needed']:.1f}"
@@ -136,8 +138,10 @@ def _prefect_api_or_fail() -> str:
 
     url = PREFECT_API_URL.value()
     if not url:
-        _fail("no Prefect API is configured: start one with `prefect server start` and run "
-              "`prefect config set PREFECT_API_URL=http://127.0.0.1:4200/api`")
+        _fail(
+            "no Prefect API is configured: start one with `prefect server start` and run "
+            "`prefect config set PREFECT_API_URL=http://127.0.0.1:4200/api`"
+        )
     import httpx
 
     try:
@@ -151,10 +155,14 @@ def _describe_deployments(cfg, url: str) -> None:
     from saeflow.flows.deployments import NIGHTLY, next_nightly_run
 
     r = cfg.retrain
-    typer.echo(f"Prefect API {url}: deployments sae_pipeline/{cfg.name}, sae_sweep/{cfg.name}, "
-               f"evaluate_sae/{cfg.name}, sae_retrain/{NIGHTLY}")
-    typer.echo(f"sae_retrain/{NIGHTLY}: cron '{r.cron}' ({r.timezone}); next run "
-               f"{next_nightly_run(cfg):%Y-%m-%d %H:%M %Z}; when nothing changed: {r.when_unchanged}")
+    typer.echo(
+        f"Prefect API {url}: deployments sae_pipeline/{cfg.name}, sae_sweep/{cfg.name}, "
+        f"evaluate_sae/{cfg.name}, sae_retrain/{NIGHTLY}"
+    )
+    typer.echo(
+        f"sae_retrain/{NIGHTLY}: cron '{r.cron}' ({r.timezone}); next run "
+        f"{next_nightly_run(cfg):%Y-%m-%d %H:%M %Z}; when nothing changed: {r.when_unchanged}"
+    )
 
 
 @app.command()
@@ -179,8 +187,7 @@ def serve(
 def deploy(
     config: str = typer.Argument(DEFAULT_CONFIG, help="YAML config whose values are the run forms' defaults."),
     pool: str = typer.Option(..., "--pool", help="Work pool whose workers run the flows (`prefect work-pool ls`)."),
-    source: str = typer.Option(None, help="Where workers get the code: a directory or git URL; default this "
-                                          "checkout."),
+    source: str = typer.Option(None, help="Where workers get the code: a directory or git URL; default this checkout."),
     set_: list[str] = typer.Option([], "--set", "-s", help="Override a key."),
 ) -> None:
     """Register the deployments with a work pool; start workers with `prefect worker start --pool NAME`."""
@@ -195,10 +202,17 @@ def deploy(
         try:
             client.read_work_pool(pool)
         except Exception:
-            _fail(f"work pool {pool!r} does not exist: create it with `prefect work-pool create {pool} --type "
-                  "process` (or list them with `prefect work-pool ls`)")
-    ids = prefect_deploy(*build_deployments(cfg, source or REPO_ROOT), work_pool_name=pool, build=False,
-                         push=False, print_next_steps_message=False)
+            _fail(
+                f"work pool {pool!r} does not exist: create it with `prefect work-pool create {pool} --type "
+                "process` (or list them with `prefect work-pool ls`)"
+            )
+    ids: list = prefect_deploy(  # type: ignore[assignment]  # sync_compatible: a list when called from sync code
+        *build_deployments(cfg, source or REPO_ROOT),
+        work_pool_name=pool,
+        build=False,
+        push=False,
+        print_next_steps_message=False,
+    )
     _describe_deployments(cfg, url)
     typer.echo(f"{len(ids)} deployments in work pool {pool!r}; run them with: prefect worker start --pool {pool}")
 
@@ -240,9 +254,11 @@ def models(
 
     typer.echo(f"{'model':<44} {'ver':>4} {'aliases':<28} {'L0':>7} {'FVU':>7} {'CE rec':>7} {'dead':>6}  decision")
     for r in rows:
-        typer.echo(f"{r.name:<44} {r.version:>4} {','.join(r.aliases):<28} {f(r.metrics, 'l0'):>7} "
-                   f"{f(r.metrics, 'fvu'):>7} {f(r.metrics, 'ce_loss_recovered'):>7} "
-                   f"{f(r.metrics, 'dead_fraction'):>6}  {r.decision}")
+        typer.echo(
+            f"{r.name:<44} {r.version:>4} {','.join(r.aliases):<28} {f(r.metrics, 'l0'):>7} "
+            f"{f(r.metrics, 'fvu'):>7} {f(r.metrics, 'ce_loss_recovered'):>7} "
+            f"{f(r.metrics, 'dead_fraction'):>6}  {r.decision}"
+        )
 
 
 @app.command()

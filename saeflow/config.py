@@ -9,7 +9,7 @@ import datetime
 import itertools
 import os
 import zoneinfo
-from typing import Annotated, Any, Literal, Union, get_args, get_origin
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -198,7 +198,10 @@ def _sae_union():
     return Annotated[Union[classes], Field(discriminator="architecture")]  # noqa: UP007
 
 
-SAESpec = _sae_union()
+if TYPE_CHECKING:  # every member of the union is an SAEConfig; the checker needs no more
+    SAESpec = sae.SAEConfig
+else:
+    SAESpec = _sae_union()
 
 
 def _list_typed(annotation: Any) -> bool:
@@ -238,14 +241,17 @@ class SweepConfig(Strict):
     def baseline_architecture(self) -> str:
         return self.baseline or ("relu" if "relu" in self.architectures else next(iter(self.architectures)))
 
-    def specs(self) -> list[SAESpec]:  # type: ignore[valid-type]
+    def specs(self) -> list[SAESpec]:
         """The grid as SAE specs, architecture by architecture in listed order, each with a distinct name."""
         points: list[tuple[Any, dict[str, Any]]] = []
         for arch, entry in self.architectures.items():
             cls = ARCHITECTURES[arch].config_class
             entry = dict(entry or {})
-            fixed = {k: v for k, v in (("expansion_factor", self.expansion_factor), ("lr", self.lr))
-                     if v is not None and k not in entry and "d_sae" not in entry}
+            fixed = {
+                k: v
+                for k, v in (("expansion_factor", self.expansion_factor), ("lr", self.lr))
+                if v is not None and k not in entry and "d_sae" not in entry
+            }
             swept = {}
             for key, v in entry.items():
                 field = cls.model_fields.get(key)
@@ -293,7 +299,7 @@ class PipelineConfig(Strict):
     """Sites captured and how the activation store is chunked."""
     stats: StatsConfig = Field(default_factory=StatsConfig)
     """Normalization statistics (computed with Dask) and outlier removal."""
-    saes: list[SAESpec] = Field(default_factory=lambda: [sae.TopKConfig(k=32), sae.ReLUConfig()])  # type: ignore[valid-type]
+    saes: list[SAESpec] = Field(default_factory=lambda: [sae.TopKConfig(k=32), sae.ReLUConfig()])
     """SAE specs: each has `architecture` plus that architecture's hyperparameters."""
     train: TrainConfig = Field(default_factory=TrainConfig)
     """Optimisation settings shared by the SAEs of one site."""
@@ -313,7 +319,8 @@ class PipelineConfig(Strict):
         if self.sweep is not None:
             grid = self.sweep.specs()
             if "saes" in self.model_fields_set and [s.model_dump() for s in self.saes] != [
-                    s.model_dump() for s in grid]:
+                s.model_dump() for s in grid
+            ]:
                 raise ValueError("give either `saes` or `sweep`, not both: a sweep's SAEs are its grid")
             self.saes = grid
         return self

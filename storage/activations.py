@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from saeflow.storage.zarr_io import open_group
+from saeflow.storage.zarr_io import array, open_group
 
 TARGET_CHUNK_ROWS = 4096
 
@@ -36,7 +36,7 @@ class ActivationStoreRef:
     def outlier_rows(self, site: str) -> np.ndarray:
         g = open_group(self.url, mode="r")
         key = f"{site}/outlier_rows"
-        return np.asarray(g[key][:]) if key in g else np.zeros(0, dtype=np.int64)
+        return np.asarray(array(g, key)[:]) if key in g else np.zeros(0, dtype=np.int64)
 
     def manifest(self, site: str) -> dict[str, Any]:
         a = self.array(site)
@@ -115,8 +115,8 @@ class ActivationWriter:
                 }
             )
         self.group = g
-        self.arrays = {s: g[f"{s}/acts"] for s in sites}
-        self.rows_done = int(g.attrs["rows_done"])
+        self.arrays = {s: array(g, f"{s}/acts") for s in sites}
+        self.rows_done = int(str(g.attrs["rows_done"]))
         self.buffers: dict[str, list[np.ndarray]] = {s: [] for s in sites}
 
     @property
@@ -224,7 +224,7 @@ class TrainingBatches:
         self.carry = np.asarray(cursor["carry"], dtype=np.float32).reshape(-1, self.d)
         if self.batch:
             self._fill(skip_empty=False)
-            if (self.batch + 1) * self.batch_size > len(self._pool):
+            if self._pool is None or (self.batch + 1) * self.batch_size > len(self._pool):
                 raise ValueError(f"batch cursor {self.batch} lies past the end of its buffer")
 
     def _chunk_order(self) -> np.ndarray:

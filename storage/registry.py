@@ -62,9 +62,11 @@ def record_decision(tr: Tracker, name: str, version: str, decision: PromotionDec
     verdict = "Promoted to champion" if decision.promoted else "Not promoted"
     note = f"{verdict}: {decision.reason}."
     if decision.champion_version is not None:
-        note += (f" Challenger {decision.metric} {decision.challenger_value:.4g} at L0 {decision.challenger_l0:.4g};"
-                 f" champion v{decision.champion_version} {decision.champion_value:.4g} at L0 "
-                 f"{decision.champion_l0:.4g}{' (re-scored on the same tokens)' if rescored else ''}.")
+        note += (
+            f" Challenger {decision.metric} {decision.challenger_value:.4g} at L0 {decision.challenger_l0:.4g};"
+            f" champion v{decision.champion_version} {decision.champion_value:.4g} at L0 "
+            f"{decision.champion_l0:.4g}{' (re-scored on the same tokens)' if rescored else ''}."
+        )
     tr.client.update_model_version(name, version, description=f"{mv.description or ''}\n\n{note}".strip())
     if decision.promoted:
         tr.set_alias(name, CHAMPION, version)
@@ -75,17 +77,29 @@ def promote_manually(tr: Tracker, name: str, version: str, alias: str = CHAMPION
     try:
         tr.client.get_model_version(name, version)
     except MlflowException:
-        raise RegistryError(f"registered model {name!r} has no version {version!r}: `saeflow models` lists them") \
-            from None
+        raise RegistryError(
+            f"registered model {name!r} has no version {version!r}: `saeflow models` lists them"
+        ) from None
     before = version_by_alias(tr, name, alias)
     who = getpass.getuser()
-    when = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    tag_version(tr, name, version, {"promotion.decision": "manual", f"promotion.manual.{alias}": f"{who} at {when}",
-                                    "promotion.replaced_version": before.version if before else "none"})
+    when = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+    tag_version(
+        tr,
+        name,
+        version,
+        {
+            "promotion.decision": "manual",
+            f"promotion.manual.{alias}": f"{who} at {when}",
+            "promotion.replaced_version": before.version if before else "none",
+        },
+    )
     mv = tr.client.get_model_version(name, version)
     replaced = f" (replacing v{before.version})" if before else ""
-    tr.client.update_model_version(name, version, description=(
-        f"{mv.description or ''}\n\nManually made {alias} by {who} at {when}{replaced}.").strip())
+    tr.client.update_model_version(
+        name,
+        version,
+        description=(f"{mv.description or ''}\n\nManually made {alias} by {who} at {when}{replaced}.").strip(),
+    )
     tr.set_alias(name, alias, version)
     return before.version if before else None
 
@@ -110,6 +124,13 @@ def list_versions(tr: Tracker, pattern: str = "*") -> list[VersionRow]:
             aliases.setdefault(str(version), []).append(alias)
         versions = tr.client.search_model_versions(f"name = '{rm.name}'", max_results=1000)
         for mv in sorted(versions, key=lambda v: -int(v.version)):
-            rows.append(VersionRow(rm.name, str(mv.version), tuple(sorted(aliases.get(str(mv.version), []))),
-                                   version_metrics(mv), mv.tags.get("promotion.decision", "")))
+            rows.append(
+                VersionRow(
+                    rm.name,
+                    str(mv.version),
+                    tuple(sorted(aliases.get(str(mv.version), []))),
+                    version_metrics(mv),
+                    mv.tags.get("promotion.decision", ""),
+                )
+            )
     return sorted(rows, key=lambda r: (r.name, -int(r.version)))

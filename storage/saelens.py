@@ -31,10 +31,10 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from saeflow.sae.architectures.base import SAE
-from saeflow.sae.architectures.registry import build_sae
 from saeflow.sae.architectures.batchtopk import BatchTopKSAE
 from saeflow.sae.architectures.gated import GatedConfig
 from saeflow.sae.architectures.jumprelu import JumpReLUConfig
+from saeflow.sae.architectures.registry import build_sae
 from saeflow.sae.architectures.relu import ReLUConfig
 from saeflow.sae.architectures.topk import TopKConfig
 
@@ -103,6 +103,7 @@ def saelens_state(sae: SAE) -> tuple[str, dict[str, Tensor], dict[str, Any]]:
     elif target == "topk":
         # Our decoder rows are unit norm in normalized units; after folding they are 1/c, and SAELens' default
         # inference TopK (no rescaling by decoder norm) then selects on π exactly as we do.
+        assert isinstance(sae.cfg, TopKConfig)  # the export table maps only the TopK family here
         fields = {"k": min(sae.cfg.k, sae.d_sae), "rescale_acts_by_decoder_norm": False}
     return target, out, fields
 
@@ -205,8 +206,7 @@ def _input_scale(cfg: dict[str, Any], directory: str, scaling_factor: float | No
 
 
 def _is_unit_norm(W_dec: Tensor) -> bool:
-    return bool(torch.allclose(W_dec.double().norm(dim=1), torch.ones(W_dec.shape[0], dtype=torch.float64),
-                               atol=1e-4))
+    return bool(torch.allclose(W_dec.double().norm(dim=1), torch.ones(W_dec.shape[0], dtype=torch.float64), atol=1e-4))
 
 
 def import_saelens(directory: str, device: str | torch.device = "cpu", scaling_factor: float | None = None) -> SAE:
@@ -225,8 +225,10 @@ def import_saelens(directory: str, device: str | torch.device = "cpu", scaling_f
     t = {k: v.double() for k, v in load_file(os.path.join(directory, WEIGHTS)).items()}
     d_in, d_sae = int(cfg["d_in"]), int(cfg["d_sae"])
     if tuple(t["W_enc"].shape) != (d_in, d_sae) or tuple(t["W_dec"].shape) != (d_sae, d_in):
-        raise SAELensFormatError(f"W_enc {tuple(t['W_enc'].shape)} / W_dec {tuple(t['W_dec'].shape)} do not match "
-                                 f"d_in={d_in}, d_sae={d_sae} in {CONFIG}")
+        raise SAELensFormatError(
+            f"W_enc {tuple(t['W_enc'].shape)} / W_dec {tuple(t['W_dec'].shape)} do not match "
+            f"d_in={d_in}, d_sae={d_sae} in {CONFIG}"
+        )
     if cfg.get("rescale_acts_by_decoder_norm"):
         # SAELens' _fold_norm_topk: selecting on π·‖W_dec,i‖ and decoding f/‖W_dec,i‖ equals selecting on the π of
         # W_enc·‖W_dec,i‖, b_enc·‖W_dec,i‖ and decoding with unit rows.
@@ -238,7 +240,11 @@ def import_saelens(directory: str, device: str | torch.device = "cpu", scaling_f
         # Our own export: unfold c so the SAE again works in the units it was trained in. π and x̂_raw are
         # unchanged, and normalized-unit metrics (MSE, γ, ...) match the original checkpoint's.
         scale = float(meta["saeflow_input_scale"])
-        state["W_enc"], state["W_dec"], state["b_dec"] = state["W_enc"] / scale, state["W_dec"] * scale, state["b_dec"] * scale
+        state["W_enc"], state["W_dec"], state["b_dec"] = (
+            state["W_enc"] / scale,
+            state["W_dec"] * scale,
+            state["b_dec"] * scale,
+        )
     unit = _is_unit_norm(state["W_dec"])
     if arch == "standard":
         sae_cfg: Any = ReLUConfig(d_sae=d_sae)

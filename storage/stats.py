@@ -31,7 +31,11 @@ def dask_client(address: str | None = None, n_workers: int = 2) -> Iterator[Any]
         return
     with (
         LocalCluster(
-            n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=":0", silence_logs=logging.WARNING
+            n_workers=n_workers,
+            threads_per_worker=1,
+            processes=True,
+            dashboard_address=":0",
+            silence_logs=logging.WARNING,
         ) as cluster,
         Client(cluster) as client,
     ):
@@ -79,7 +83,7 @@ def compute_site_stats(
     energy = norms**2
     positions = (outliers % ref.rows_per_window + 1).tolist()  # +1: row 0 of a window is token position 1
     return {
-        "n_rows": int(len(norms)),
+        "n_rows": len(norms),
         "n_rows_used": n,
         "d_model": int(d),
         "mean": mean.tolist(),
@@ -92,7 +96,7 @@ def compute_site_stats(
         "scale": scale,
         "outlier_norm_ratio": outlier_norm_ratio,
         "outlier_norm_threshold": None if outlier_norm_ratio is None else outlier_norm_ratio * median,
-        "n_outliers": int(len(outliers)),
+        "n_outliers": len(outliers),
         "outlier_energy_fraction": float(energy[outliers].sum() / energy.sum()) if len(outliers) else 0.0,
         "outlier_positions": sorted(set(positions))[:100],
         "content_hash": hashlib.sha256("".join(hashes.tolist()).encode()).hexdigest(),

@@ -76,8 +76,9 @@ def dataset_fingerprint(source: str, revision: str | None = None) -> str:
         return f"hub:{source}@{revision or 'main'}"
 
 
-def load_texts(source: str, text_field: str = "text", split: str = "train", subset: str | None = None,
-               revision: str | None = None) -> Iterator[str]:
+def load_texts(
+    source: str, text_field: str = "text", split: str = "train", subset: str | None = None, revision: str | None = None
+) -> Iterator[str]:
     """Iterate the documents of `source` as strings."""
     import datasets
 
@@ -104,6 +105,8 @@ def load_texts(source: str, text_field: str = "text", split: str = "train", subs
     first = True
     for row in ds:
         if first and text_field not in row:
-            raise KeyError(f"dataset {source!r} has no field {text_field!r}; set dataset.text_field to one of {sorted(row)}")
+            raise KeyError(
+                f"dataset {source!r} has no field {text_field!r}; set dataset.text_field to one of {sorted(row)}"
+            )
         first = False
         yield row[text_field]

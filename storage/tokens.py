@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from saeflow.storage.zarr_io import open_group
+from saeflow.storage.zarr_io import array, open_group
 
 WINDOWS_PER_CHUNK = 256
 
@@ -27,7 +27,7 @@ class TokenStoreRef:
 
     def manifest(self) -> dict[str, Any]:
         g = open_group(self.url, mode="r")
-        a = g["tokens"]
+        a = array(g, "tokens")
         return {
             "uri": self.url,
             "shape": list(a.shape),
@@ -49,7 +49,9 @@ def open_token_store(url: str) -> TokenStoreRef | None:
     a = dict(g.attrs)
     if not a.get("complete"):
         return None
-    return TokenStoreRef(url, a["n_train"], a["n_eval"], a["context_size"], a["content_hash"])
+    return TokenStoreRef(
+        url, int(str(a["n_train"])), int(str(a["n_eval"])), int(str(a["context_size"])), str(a["content_hash"])
+    )
 
 
 def write_token_store(
@@ -68,9 +70,7 @@ def write_token_store(
     """
     total = n_train + n_eval
     g = open_group(url, mode="w")
-    arr = g.create_array(
-        "tokens", shape=(total, context_size), chunks=(WINDOWS_PER_CHUNK, context_size), dtype="int32"
-    )
+    arr = g.create_array("tokens", shape=(total, context_size), chunks=(WINDOWS_PER_CHUNK, context_size), dtype="int32")
     digest = hashlib.sha256()
     buf: list[np.ndarray] = []
     written = 0
@@ -111,7 +111,7 @@ def write_token_store(
 
 def read_windows(ref: TokenStoreRef, split: str, start: int = 0, stop: int | None = None) -> np.ndarray:
     """Windows [start, stop) of the `train` or `eval` split as an int array."""
-    arr = open_group(ref.url, mode="r")["tokens"]
+    arr = array(open_group(ref.url, mode="r"), "tokens")
     base, n = (0, ref.n_train) if split == "train" else (ref.n_train, ref.n_eval)
     stop = n if stop is None else min(stop, n)
     return np.asarray(arr[base + start : base + stop])

@@ -37,8 +37,9 @@ def sae_library_code():
 
     with tempfile.TemporaryDirectory(prefix="saeflow-code-") as tmp:
         package = os.path.join(tmp, "saeflow")
-        shutil.copytree(saeflow.sae.__path__[0], os.path.join(package, "sae"),
-                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        shutil.copytree(
+            saeflow.sae.__path__[0], os.path.join(package, "sae"), ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
+        )
         with open(os.path.join(package, "__init__.py"), "w") as f:
             f.write('"""saeflow\'s SAE library, as shipped inside an MLflow model."""\n')
         yield package
@@ -94,18 +95,27 @@ class Tracker:
             try:
                 self.experiment_id = self.client.create_experiment(experiment, artifact_location=artifact_location)
             except MlflowException:  # created concurrently by another process
-                self.experiment_id = self.client.get_experiment_by_name(experiment).experiment_id
+                raced = self.client.get_experiment_by_name(experiment)
+                if raced is None:
+                    raise
+                self.experiment_id = raced.experiment_id
         else:
             self.experiment_id = exp.experiment_id
         if exp is None or exp.tags.get(EXPERIMENT_KIND_TAG) != CLASSIC_TRAINING:
             self.client.set_experiment_tag(self.experiment_id, EXPERIMENT_KIND_TAG, CLASSIC_TRAINING)
+
+    def run_experiment(self) -> str:
+        """The experiment runs go to; a registry-only tracker (made with experiment=None) has none."""
+        if self.experiment_id is None:
+            raise RuntimeError("this Tracker was made for the registry only (experiment=None): it cannot log runs")
+        return self.experiment_id
 
     # ----- runs --------------------------------------------------------------------------------------------
     def start_run(self, name: str, parent_run_id: str | None = None, tags: dict[str, str] | None = None) -> str:
         tags = dict(tags or {})
         if parent_run_id:
             tags["mlflow.parentRunId"] = parent_run_id
-        return self.client.create_run(self.experiment_id, run_name=name, tags=tags).info.run_id
+        return self.client.create_run(self.run_experiment(), run_name=name, tags=tags).info.run_id
 
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status=status)
@@ -155,16 +165,16 @@ class Tracker:
             with process_uris(self.tracking_uri):
                 return load_sae(mlflow.artifacts.download_artifacts(model_uri, dst_path=tmp), device)
 
-    def log_sae_model(self, run_id: str, checkpoint: str, d_in: int, d_sae: int,
-                      tags: dict[str, str] | None = None) -> tuple[str, str]:
+    def log_sae_model(
+        self, run_id: str, checkpoint: str, d_in: int, d_sae: int, tags: dict[str, str] | None = None
+    ) -> tuple[str, str]:
         """Log the checkpoint directory as the run's MLflow pyfunc model (models from code, weights as safetensors,
         the `sae` library as its code); returns (model URI, model id)."""
+        import mlflow.pyfunc
         import numpy as np
         import torch
         from mlflow.models import Model, ModelSignature
         from mlflow.types import ParamSchema, ParamSpec, Schema, TensorSpec
-
-        import mlflow.pyfunc
 
         signature = ModelSignature(  # unnamed tensors: predict takes and returns plain arrays
             inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, d_in))]),
@@ -172,22 +182,35 @@ class Tracker:
             params=ParamSchema([ParamSpec("output", "string", "codes")]),
         )
         # Created here, in the run's experiment: Model.log would put it in the process's active experiment.
-        logged = self.client.create_logged_model(self.experiment_id, name="sae_model", source_run_id=run_id,
-                                                 model_type="sparse-autoencoder", tags=tags)
+        logged = self.client.create_logged_model(
+            self.run_experiment(), name="sae_model", source_run_id=run_id, model_type="sparse-autoencoder", tags=tags
+        )
         with process_uris(self.tracking_uri), sae_library_code() as code:
             info = Model.log(
-                artifact_path=None, name="sae_model", flavor=mlflow.pyfunc, run_id=run_id, model_id=logged.model_id,
-                python_model=SAE_MODEL_CODE, artifacts={"sae": checkpoint}, code_paths=[code],
+                artifact_path=None,
+                name="sae_model",
+                flavor=mlflow.pyfunc,
+                run_id=run_id,
+                model_id=logged.model_id,
+                python_model=SAE_MODEL_CODE,
+                artifacts={"sae": checkpoint},
+                code_paths=[code],
                 signature=signature,
-                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "safetensors", "pydantic>=2", "numpy",
-                                  "mlflow"],
+                pip_requirements=[
+                    f"torch=={torch.__version__.split('+')[0]}",
+                    "safetensors",
+                    "pydantic>=2",
+                    "numpy",
+                    "mlflow",
+                ],
                 metadata={"saeflow_checkpoint": "artifacts/sae"},
             )
         self.set_tags(run_id, {MODEL_URI_TAG: info.model_uri})
         return info.model_uri, info.model_id
 
-    def log_dataset(self, run_id: str, name: str, uri: str, digest: str, profile: dict[str, Any],
-                    context: str = "train") -> None:
+    def log_dataset(
+        self, run_id: str, name: str, uri: str, digest: str, profile: dict[str, Any], context: str = "train"
+    ) -> None:
         """Record a store on the run as an MLflow dataset input (Datasets column, run page): name, digest, source."""
         from mlflow.entities import Dataset, DatasetInput, InputTag
 
@@ -199,9 +222,17 @@ class Tracker:
         return f"{self.client.get_run(run_id).info.artifact_uri.rstrip('/')}/{path}"
 
     # ----- registry ----------------------------------------------------------------------------------------
-    def register(self, name: str, run_id: str, artifact_path: str, tags: dict[str, Any], description: str = "",
-                 model_id: str | None = None, model_tags: dict[str, Any] | None = None,
-                 model_description: str | None = None) -> str:
+    def register(
+        self,
+        name: str,
+        run_id: str,
+        artifact_path: str,
+        tags: dict[str, Any],
+        description: str = "",
+        model_id: str | None = None,
+        model_tags: dict[str, Any] | None = None,
+        model_description: str | None = None,
+    ) -> str:
         """New version of registered model `name` pointing at the run's artifact `artifact_path` (or at the logged
         model `model_id`, whose URI `artifact_path` then is); returns the version."""
         try:
@@ -264,23 +295,28 @@ def pull(ref: str, dst: str, tracking_uri: str) -> str:
 
 
 def open_sae_runs(
-    tr: Tracker, site: str, specs: list, parent_run_id: str, params: dict[str, Any],
-    ckpt, tags: dict[str, str] | None = None,
+    tr: Tracker,
+    site: str,
+    specs: list,
+    parent_run_id: str,
+    params: dict[str, Any],
+    ckpt,
+    tags: dict[str, str] | None = None,
 ) -> list[str]:
     """One nested MLflow run per SAE. A resumed group continues the runs its checkpoint names, moved under the
     current parent run; if those are gone it starts new ones and replays the checkpoint's metric history."""
     if ckpt is not None:
         runs = ckpt.extra.get("runs", [])
         try:
-            alive = len(runs) == len(specs) and all(
-                tr.client.get_run(r).info.lifecycle_stage == "active" for r in runs)
+            alive = len(runs) == len(specs) and all(tr.client.get_run(r).info.lifecycle_stage == "active" for r in runs)
         except MlflowException:
             alive = False
         if alive:
             for run_id in runs:
                 tr.client.update_run(run_id, status="RUNNING")
-                tr.set_tags(run_id, {"mlflow.parentRunId": parent_run_id, "resumed_at_tokens": ckpt.tokens_seen,
-                                     **(tags or {})})
+                tr.set_tags(
+                    run_id, {"mlflow.parentRunId": parent_run_id, "resumed_at_tokens": ckpt.tokens_seen, **(tags or {})}
+                )
             return runs
     runs = []
     for spec in specs:
@@ -297,8 +333,16 @@ def open_sae_runs(
 
 
 def publish_sae(
-    tr: Tracker, run_id: str, sae, metadata: dict[str, Any], name: str, tags: dict[str, Any],
-    alias: str | None, curves=None, description: str = "", model_tags: dict[str, Any] | None = None,
+    tr: Tracker,
+    run_id: str,
+    sae,
+    metadata: dict[str, Any],
+    name: str,
+    tags: dict[str, Any],
+    alias: str | None,
+    curves=None,
+    description: str = "",
+    model_tags: dict[str, Any] | None = None,
     model_description: str | None = None,
 ) -> str:
     """Log the SAE as its run's MLflow model (and its training-curves figure), register it as a new version of
@@ -307,12 +351,21 @@ def publish_sae(
 
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = save_sae(sae, os.path.join(tmp, "sae"), metadata)
-        uri, model_id = tr.log_sae_model(run_id, ckpt, sae.d_in, sae.d_sae,
-                                         {k: str(v) for k, v in tags.items() if k in ("site", "architecture")})
+        uri, model_id = tr.log_sae_model(
+            run_id, ckpt, sae.d_in, sae.d_sae, {k: str(v) for k, v in tags.items() if k in ("site", "architecture")}
+        )
     if curves is not None:
         tr.client.log_figure(run_id, curves, "plots/training_curves.png")
-    version = tr.register(name, run_id, uri, {"d_in": sae.d_in, "d_sae": sae.d_sae, **tags}, description=description,
-                          model_id=model_id, model_tags=model_tags, model_description=model_description)
+    version = tr.register(
+        name,
+        run_id,
+        uri,
+        {"d_in": sae.d_in, "d_sae": sae.d_sae, **tags},
+        description=description,
+        model_id=model_id,
+        model_tags=model_tags,
+        model_description=model_description,
+    )
     if alias:
         tr.set_alias(name, alias, version)
     tr.set_tags(run_id, {"registered_model": name, "registered_version": version})
@@ -329,16 +382,28 @@ def code_version() -> str | None:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
         if commit.returncode != 0:
             return None
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=here,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
     return commit.stdout.strip() + ("-dirty" if dirty else "")
 
 
 def log_evaluation(
-    tr: Tracker, run_id: str, site: str, label: str, sae, ev, tokens,
-    report: str | None = None, extra: dict[str, Any] | None = None,
+    tr: Tracker,
+    run_id: str,
+    site: str,
+    label: str,
+    sae,
+    ev,
+    tokens,
+    report: str | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> None:
     """Metrics (`eval/...`), eval/metrics.json, eval/firing_frequency.npy, plots/*.png and reports/latents.html."""
     import matplotlib.pyplot as plt
@@ -353,16 +418,28 @@ def log_evaluation(
     hist = ev.l0_histogram.tolist()
     while len(hist) > 1 and hist[-1] == 0:
         hist.pop()
-    tr.log_dict(run_id, {"site": site, "metrics": m, "positions": POSITIONS_NOTE, "eval_windows": tokens.n_eval,
-                         "context_size": tokens.context_size, "l0_histogram": [int(c) for c in hist],
-                         **(extra or {})}, "eval/metrics.json")
+    tr.log_dict(
+        run_id,
+        {
+            "site": site,
+            "metrics": m,
+            "positions": POSITIONS_NOTE,
+            "eval_windows": tokens.n_eval,
+            "context_size": tokens.context_size,
+            "l0_histogram": [int(c) for c in hist],
+            **(extra or {}),
+        },
+        "eval/metrics.json",
+    )
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "firing_frequency.npy")
         np.save(path, ev.firing_frequency.numpy())
         tr.log_artifact(run_id, path, "eval")
     title = f"{site} · {label}"
-    figs = {"plots/feature_density.png": feature_density(ev.firing_frequency.numpy(), title),
-            "plots/decoder_cosines.png": decoder_cosine_histogram(decoder_cosines(sae.W_dec).numpy(), title)}
+    figs = {
+        "plots/feature_density.png": feature_density(ev.firing_frequency.numpy(), title),
+        "plots/decoder_cosines.png": decoder_cosine_histogram(decoder_cosines(sae.W_dec).numpy(), title),
+    }
     if ev.afa is not None:
         z, f = ev.afa.points()
         figs["plots/zf.png"] = zf_plot(z.numpy(), f.numpy(), title)

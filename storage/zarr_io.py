@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from typing import Any
+from typing import Any, Literal
 
 import zarr
 
@@ -21,7 +21,7 @@ def join(url: str, *parts: str) -> str:
     return "/".join([url.rstrip("/"), *parts])
 
 
-def open_group(url: str, mode: str = "a") -> zarr.Group:
+def open_group(url: str, mode: Literal["r", "r+", "a", "w", "w-"] = "a") -> zarr.Group:
     """Zarr group at a local path (LocalStore) or an fsspec URL such as s3://bucket/store (FsspecStore)."""
     path = local_path(url)
     if path is not None:
@@ -29,6 +29,14 @@ def open_group(url: str, mode: str = "a") -> zarr.Group:
             os.makedirs(path, exist_ok=True)
         return zarr.open_group(path, mode=mode)
     return zarr.open_group(url, mode=mode)
+
+
+def array(group: zarr.Group, name: str) -> zarr.Array:
+    """The array `name` of `group` (a typed lookup: a group member may also be a sub-group)."""
+    member = group[name]
+    if not isinstance(member, zarr.Array):
+        raise TypeError(f"{name!r} in the Zarr store is a group, not an array")
+    return member
 
 
 def config_hash(obj: Any, n: int = 16) -> str:

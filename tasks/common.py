@@ -5,12 +5,13 @@ from __future__ import annotations
 import functools
 import logging
 from dataclasses import dataclass
+from typing import TypedDict
 
 from prefect import get_run_logger
 from prefect.exceptions import MissingContextError
 
-from saeflow.sae.lm.models import LoadedModel, load_model
 from saeflow.config import PipelineConfig
+from saeflow.sae.lm.models import LoadedModel, load_model
 from saeflow.storage.model_files import resolve_model_source
 from saeflow.storage.text import dataset_fingerprint
 from saeflow.storage.tokens import TokenStoreRef
@@ -18,9 +19,17 @@ from saeflow.storage.tracking import Tracker
 from saeflow.storage.zarr_io import config_hash, join
 
 
-TRACKING_RETRIES = {"retries": 3, "retry_delay_seconds": [2, 10, 30], "timeout_seconds": 300}
+class RetryOptions(TypedDict, total=False):
+    """The retry/timeout keywords of `prefect.task`, typed so `@task(**OPTIONS)` is checked like spelled-out ones."""
+
+    retries: int
+    retry_delay_seconds: list[float]
+    timeout_seconds: float
+
+
+TRACKING_RETRIES = RetryOptions(retries=3, retry_delay_seconds=[2, 10, 30], timeout_seconds=300)
 """Task options for steps that only talk to the tracking server: a server blip is retried, a hang is cut off."""
-DOWNLOAD_RETRIES = {"retries": 2, "retry_delay_seconds": [10, 60]}
+DOWNLOAD_RETRIES = RetryOptions(retries=2, retry_delay_seconds=[10, 60])
 """Task options for steps that may download (model weights, a Hub dataset): transient network errors retry."""
 
 
@@ -69,8 +78,12 @@ def prefect_run_tags() -> dict[str, str]:
 
     if not flow_run.id:
         return {}
-    return {"prefect.flow_run_id": flow_run.id, "prefect.flow_run_name": flow_run.name or "",
-            "prefect.flow_run_url": flow_run.ui_url or "", "prefect.flow_name": flow_run.flow_name or ""}
+    return {
+        "prefect.flow_run_id": flow_run.id,
+        "prefect.flow_run_name": flow_run.name or "",
+        "prefect.flow_run_url": flow_run.ui_url or "",
+        "prefect.flow_name": flow_run.flow_name or "",
+    }
 
 
 def tracker(cfg: PipelineConfig) -> Tracker:

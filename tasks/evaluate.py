@@ -9,11 +9,17 @@ import numpy as np
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from saeflow.config import EvalConfig, PipelineConfig
 from saeflow.sae.architectures.base import SAE
 from saeflow.sae.evaluation.evaluate import SAEEvaluation, evaluate_saes
-from saeflow.sae.evaluation.latents import TopContexts, choose_latents, collect_top_contexts_many, render_html, windows_needed
+from saeflow.sae.evaluation.latents import (
+    TopContexts,
+    choose_latents,
+    collect_top_contexts_many,
+    render_html,
+    windows_needed,
+)
 from saeflow.sae.lm.models import LoadedModel
-from saeflow.config import EvalConfig, PipelineConfig
 from saeflow.storage.tokens import TokenStoreRef, iter_window_batches, read_windows
 from saeflow.storage.tracking import log_evaluation
 from saeflow.tasks.common import TrainedSAE, loaded_model, prefect_run_tags, run_logger, tracker
@@ -23,23 +29,44 @@ SUMMARY_KEYS = ("fvu", "l0", "cosine_sim", "ce_loss_recovered", "kl_div", "poole
 
 
 def run_evaluation(
-    lm: LoadedModel, tokens: TokenStoreRef, site: str, saes: dict[str, SAE], ecfg: EvalConfig,
+    lm: LoadedModel,
+    tokens: TokenStoreRef,
+    site: str,
+    saes: dict[str, SAE],
+    ecfg: EvalConfig,
     outlier_norm: float | None = None,
 ) -> dict[str, SAEEvaluation]:
     batches = [ids for _, ids in iter_window_batches(tokens, "eval", ecfg.batch_size)]
-    return evaluate_saes(lm.model, batches, site, saes, lm.has_lm_head, downstream=ecfg.ce_loss,
-                         outlier_norm=outlier_norm, afa=ecfg.afa, afa_points=ecfg.zf_points, progress=False)
+    return evaluate_saes(
+        lm.model,
+        batches,
+        site,
+        saes,
+        lm.has_lm_head,
+        downstream=ecfg.ce_loss,
+        outlier_norm=outlier_norm,
+        afa=ecfg.afa,
+        afa_points=ecfg.zf_points,
+        progress=False,
+    )
 
 
 def latent_reports(
-    lm: LoadedModel, tokens: TokenStoreRef, site: str, saes: dict[str, SAE], evals: dict[str, SAEEvaluation],
+    lm: LoadedModel,
+    tokens: TokenStoreRef,
+    site: str,
+    saes: dict[str, SAE],
+    evals: dict[str, SAEEvaluation],
     ecfg: EvalConfig,
 ) -> dict[str, str]:
     """{label: HTML}: one streaming pass up to the site for all SAEs; memory O(latents × top contexts)."""
-    picks = {k: (s, choose_latents(evals[k].firing_frequency, ecfg.n_latents, ecfg.n_extreme_latents))
-             for k, s in saes.items()}
-    accs = collect_top_contexts_many(lm.model, iter_window_batches(tokens, "eval", ecfg.batch_size), site, picks,
-                                     ecfg.top_contexts)
+    picks = {
+        k: (s, choose_latents(evals[k].firing_frequency, ecfg.n_latents, ecfg.n_extreme_latents))
+        for k, s in saes.items()
+    }
+    accs = collect_top_contexts_many(
+        lm.model, iter_window_batches(tokens, "eval", ecfg.batch_size), site, picks, ecfg.top_contexts
+    )
     out = {}
     for k, acc in accs.items():
         out[k] = render_html(acc, _windows(tokens, acc), lm.tokenizer, f"{site} · {k}: top-activating contexts")
@@ -84,20 +111,47 @@ def evaluate_sae_reference(cfg: PipelineConfig, tokens: TokenStoreRef, ref: SAER
     lm = loaded_model(cfg)
     sae = load_reference(ref, lm.device)
     saes = {ref.label: sae}
-    run_id = tr.start_run(f"evaluate {ref.label}", tags={"saeflow.flow": "evaluate_sae", "site": ref.site,
-                                                         "sae_reference": ref.source, "model": cfg.model.name,
-                                                         **prefect_run_tags()})
+    run_id = tr.start_run(
+        f"evaluate {ref.label}",
+        tags={
+            "saeflow.flow": "evaluate_sae",
+            "site": ref.site,
+            "sae_reference": ref.source,
+            "model": cfg.model.name,
+            **prefect_run_tags(),
+        },
+    )
     try:
-        tr.log_params(run_id, {"sae_reference": ref.source, "sae_format": ref.kind, "site": ref.site,
-                               "architecture": sae.cfg.architecture, "d_in": sae.d_in, "d_sae": sae.d_sae,
-                               "input_scale": float(sae.input_scale), "outlier_norm_threshold": ref.outlier_norm,
-                               "model": cfg.model.model_dump(mode="json"),
-                               "token_store": tokens.url, "eval": cfg.eval.model_dump(mode="json")})
+        tr.log_params(
+            run_id,
+            {
+                "sae_reference": ref.source,
+                "sae_format": ref.kind,
+                "site": ref.site,
+                "architecture": sae.cfg.architecture,
+                "d_in": sae.d_in,
+                "d_sae": sae.d_sae,
+                "input_scale": float(sae.input_scale),
+                "outlier_norm_threshold": ref.outlier_norm,
+                "model": cfg.model.model_dump(mode="json"),
+                "token_store": tokens.url,
+                "eval": cfg.eval.model_dump(mode="json"),
+            },
+        )
         evals = run_evaluation(lm, tokens, ref.site, saes, cfg.eval, ref.outlier_norm)
         reports = latent_reports(lm, tokens, ref.site, saes, evals, cfg.eval) if cfg.eval.latent_report else {}
         ev = evals[ref.label]
-        log_evaluation(tr, run_id, ref.site, ref.label, sae, ev, tokens, reports.get(ref.label),
-                       extra={"sae_reference": ref.source, "sae_format": ref.kind})
+        log_evaluation(
+            tr,
+            run_id,
+            ref.site,
+            ref.label,
+            sae,
+            ev,
+            tokens,
+            reports.get(ref.label),
+            extra={"sae_reference": ref.source, "sae_format": ref.kind},
+        )
     except BaseException:
         tr.end_run(run_id, "FAILED")
         raise

@@ -8,8 +8,8 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from tqdm.auto import tqdm
 
-from saeflow.sae.lm.sites import run_to_sites, site_width
 from saeflow.config import PipelineConfig
+from saeflow.sae.lm.sites import run_to_sites, site_width
 from saeflow.storage.activations import ActivationStoreRef, ActivationWriter, open_activation_store
 from saeflow.storage.tokens import TokenStoreRef, iter_window_batches
 from saeflow.tasks.common import DOWNLOAD_RETRIES, activation_store_url, loaded_model, model_identity, run_logger
@@ -43,7 +43,9 @@ def extract_activations(
     t0, start_rows = time.time(), writer.rows_done
     for _, ids in iter_window_batches(tokens, "train", cfg.extract.batch_size, start=writer.next_window):
         acts = run_to_sites(lm.model, ids.to(lm.device), sites)
-        rows = {s: acts[s][:, 1:].reshape(-1, d).float().cpu().numpy().astype(np.dtype(cfg.extract.dtype)) for s in sites}
+        rows = {
+            s: acts[s][:, 1:].reshape(-1, d).float().cpu().numpy().astype(np.dtype(cfg.extract.dtype)) for s in sites
+        }
         if writer.add(rows):
             rate = (writer.rows_done - start_rows) / max(time.time() - t0, 1e-9)
             log.info(f"extract: {writer.rows_done:,}/{writer.n_rows:,} tokens ({rate:,.0f} tok/s)")

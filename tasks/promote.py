@@ -8,8 +8,8 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from saeflow.sae.evaluation.promotion import decide, promotion_metric
 from saeflow.config import PipelineConfig
+from saeflow.sae.evaluation.promotion import decide, promotion_metric
 from saeflow.storage.registry import (
     CHAMPION,
     EVAL_HASH_TAG,
@@ -22,8 +22,9 @@ from saeflow.storage.tokens import TokenStoreRef, eval_split_hash
 from saeflow.tasks.common import TRACKING_RETRIES, TrainedSAE, loaded_model, run_logger, tracker
 
 
-def rescore_champion(cfg: PipelineConfig, tokens: TokenStoreRef, site: str, name: str, version: str
-                     ) -> dict[str, float]:
+def rescore_champion(
+    cfg: PipelineConfig, tokens: TokenStoreRef, site: str, name: str, version: str
+) -> dict[str, float]:
     """The champion's metrics on this run's held-out tokens (its own tags were measured on other ones)."""
     from saeflow.tasks.evaluate import run_evaluation
     from saeflow.tasks.sae_reference import load_reference, resolve_sae_reference
@@ -36,10 +37,19 @@ def rescore_champion(cfg: PipelineConfig, tokens: TokenStoreRef, site: str, name
 
 
 # Retried like the tracking steps, but with no timeout: re-scoring a champion is a full evaluation pass.
-@task(name="promote", cache_policy=NO_CACHE, retries=TRACKING_RETRIES["retries"],
-      retry_delay_seconds=TRACKING_RETRIES["retry_delay_seconds"])
-def promote_site_saes(cfg: PipelineConfig, tokens: TokenStoreRef, site: str, trained: list[TrainedSAE],
-                      metrics: dict[str, dict[str, float]]) -> dict[str, dict[str, Any]]:
+@task(
+    name="promote",
+    cache_policy=NO_CACHE,
+    retries=TRACKING_RETRIES["retries"],
+    retry_delay_seconds=TRACKING_RETRIES["retry_delay_seconds"],
+)
+def promote_site_saes(
+    cfg: PipelineConfig,
+    tokens: TokenStoreRef,
+    site: str,
+    trained: list[TrainedSAE],
+    metrics: dict[str, dict[str, float]],
+) -> dict[str, dict[str, Any]]:
     """Tag each new version with its held-out metrics, then move `champion` to it if it beats the current one on
     the same tokens (`cfg.promotion`); returns {label: decision as a dict, with name and version}."""
     log = run_logger()
@@ -62,7 +72,8 @@ def promote_site_saes(cfg: PipelineConfig, tokens: TokenStoreRef, site: str, tra
                 rescored = True
         d = decide(metric, m, champ_metrics, str(champ.version) if champ else None, p.margin, p.max_l0_factor)
         record_decision(tr, t.registered_name, t.version, d, rescored)
-        log.info(f"promote {t.registered_name} v{t.version}: {'champion' if d.promoted else 'stays challenger'} "
-                 f"({d.reason})")
+        log.info(
+            f"promote {t.registered_name} v{t.version}: {'champion' if d.promoted else 'stays challenger'} ({d.reason})"
+        )
         out[t.label] = {"name": t.registered_name, "version": t.version, "rescored": rescored, **asdict(d)}
     return out

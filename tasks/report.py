@@ -9,9 +9,9 @@ import matplotlib.pyplot as plt
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from saeflow.config import PipelineConfig
 from saeflow.sae.evaluation.frontier import comparison_table, rows_as_dicts, sweep_points, table_csv, table_markdown
 from saeflow.sae.evaluation.plots import frontier
-from saeflow.config import PipelineConfig
 from saeflow.tasks.common import run_logger, tracker
 
 FRONTIER_PLOTS = {"fvu": "frontier/l0_vs_fvu.png", "ce_loss_recovered": "frontier/l0_vs_ce_recovered.png"}
@@ -19,8 +19,9 @@ FRONTIER_PLOTS = {"fvu": "frontier/l0_vs_fvu.png", "ce_loss_recovered": "frontie
 
 
 @task(name="frontier-report", cache_policy=NO_CACHE)
-def report_frontier(cfg: PipelineConfig, run_id: str, results: dict[str, dict[str, dict[str, float]]]
-                    ) -> list[dict[str, Any]]:
+def report_frontier(
+    cfg: PipelineConfig, run_id: str, results: dict[str, dict[str, dict[str, float]]]
+) -> list[dict[str, Any]]:
     """Log the frontier plots, `frontier/points.json` and `frontier/comparison.{csv,md}` to the parent run."""
     tr = tracker(cfg)
     points = sweep_points(results, {s.label(): s.architecture for s in cfg.saes})

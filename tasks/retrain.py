@@ -33,8 +33,7 @@ def plan_retraining(cfg: PipelineConfig, acts: ActivationStoreRef) -> RetrainPla
     for site in cfg.extract.sites:
         data_hash = acts.manifest(site)["content_hash"]
         for spec in cfg.saes:
-            name = registered_model_name(cfg.tracking.registered_model_prefix, cfg.model.name, site,
-                                         spec.architecture)
+            name = registered_model_name(cfg.tracking.registered_model_prefix, cfg.model.name, site, spec.architecture)
             champ = version_by_alias(tr, name, CHAMPION)
             want = version_identity(cfg, spec, data_hash)
             if champ is None:
@@ -49,8 +48,9 @@ def plan_retraining(cfg: PipelineConfig, acts: ActivationStoreRef) -> RetrainPla
     elif cfg.retrain.when_unchanged == "skip":
         plan = RetrainPlan(False, cfg.train.seed, "data and config unchanged since every champion was trained")
     else:
-        plan = RetrainPlan(True, cfg.train.seed + versions, f"data and config unchanged: new seed "
-                                                            f"{cfg.train.seed + versions}")
+        plan = RetrainPlan(
+            True, cfg.train.seed + versions, f"data and config unchanged: new seed {cfg.train.seed + versions}"
+        )
     run_logger().info(f"retrain: {'train' if plan.train else 'skip'} ({plan.reason})")
     return plan
 
@@ -59,6 +59,9 @@ def plan_retraining(cfg: PipelineConfig, acts: ActivationStoreRef) -> RetrainPla
 def publish_skip(cfg: PipelineConfig, plan: RetrainPlan) -> None:
     from prefect.artifacts import create_markdown_artifact
 
-    create_markdown_artifact(f"## {cfg.name}: retraining skipped\n\n{plan.reason}; `retrain.when_unchanged` is "
-                             "`skip` (set it to `new_seed` to retrain anyway).\n", key="sae-results",
-                             description="Retraining skipped")
+    create_markdown_artifact(
+        f"## {cfg.name}: retraining skipped\n\n{plan.reason}; `retrain.when_unchanged` is "
+        "`skip` (set it to `new_seed` to retrain anyway).\n",
+        key="sae-results",
+        description="Retraining skipped",
+    )

@@ -10,9 +10,9 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from torch import nn
 
+from saeflow.config import PipelineConfig
 from saeflow.sae.architectures.base import SAE
 from saeflow.sae.lm.sites import parse_site, site_module, site_width
-from saeflow.config import PipelineConfig
 from saeflow.storage.sae_sources import SAEReferenceError, load_sae_source, locate_sae
 from saeflow.tasks.common import loaded_model, run_logger
 
@@ -41,18 +41,22 @@ def check_fit(sae: SAE, model: nn.Module, site: str | None, recorded: str | None
     if site is None and recorded is None:
         raise SAEReferenceError("the SAE does not record its site: pass --site, e.g. --site resid_post.6")
     chosen = site or recorded
+    assert chosen is not None  # one of them is set (checked above)
     try:
         parse_site(chosen)
         site_module(model, chosen)
     except SiteError as e:
         raise SAEReferenceError(str(e)) from None
     if site and recorded and parse_site(site) != parse_site(recorded):
-        raise SAEReferenceError(f"the SAE was trained at {recorded} but --site is {site}: drop --site or pass "
-                                f"--site {recorded}")
+        raise SAEReferenceError(
+            f"the SAE was trained at {recorded} but --site is {site}: drop --site or pass --site {recorded}"
+        )
     width = site_width(model, chosen)
     if sae.d_in != width:
-        raise SAEReferenceError(f"SAE d_in {sae.d_in} does not match site {chosen} of width {width} (d_model): "
-                                "the SAE belongs to another model")
+        raise SAEReferenceError(
+            f"SAE d_in {sae.d_in} does not match site {chosen} of width {width} (d_model): "
+            "the SAE belongs to another model"
+        )
     return chosen
 
 
@@ -70,6 +74,7 @@ def resolve_sae_reference(cfg: PipelineConfig, ref: str, site: str | None = None
     label = f"{os.path.basename(os.path.normpath(ref)) or ref}-{sae.cfg.architecture}"
     outlier = recorded.get("outlier_norm_threshold")
     excluded = f"rows with norm > {outlier:.4g} left out as in training" if outlier else "no outlier threshold recorded"
-    run_logger().info(f"evaluate: {ref} is a {kind} SAE ({sae.cfg.architecture}, d_sae {sae.d_sae}) at {chosen}; "
-                      f"{excluded}")
+    run_logger().info(
+        f"evaluate: {ref} is a {kind} SAE ({sae.cfg.architecture}, d_sae {sae.d_sae}) at {chosen}; {excluded}"
+    )
     return SAEReference(ref, kind, path, chosen, label, float(outlier) if outlier else None)

@@ -18,7 +18,8 @@ def compute_stats(cfg: PipelineConfig, acts: ActivationStoreRef, parent_run_id: 
     st = cfg.stats
     wanted = {"normalize": st.normalize, "outlier_norm_ratio": st.outlier_norm_ratio}
     todo = [
-        s for s in acts.sites
+        s
+        for s in acts.sites
         if (old := load_site_stats(acts, s)) is None or any(old.get(k) != v for k, v in wanted.items())
     ]
     if todo:
@@ -28,7 +29,12 @@ def compute_stats(cfg: PipelineConfig, acts: ActivationStoreRef, parent_run_id: 
                 save_site_stats(acts, site, compute_site_stats(acts, site, st.outlier_norm_ratio, st.normalize))
     else:
         log.info("stats: reusing stored statistics for every site")
-    stats = {s: load_site_stats(acts, s) for s in acts.sites}
+    stats: dict[str, dict[str, Any]] = {}
+    for site in acts.sites:
+        saved = load_site_stats(acts, site)
+        if saved is None:
+            raise RuntimeError(f"statistics of {site!r} were not saved in {acts.url}")
+        stats[site] = saved
     tr = tracker(cfg)
     for site, s in stats.items():
         keys = ("scale", "mean_norm", "median_norm", "mean_var", "n_outliers", "outlier_energy_fraction", "n_rows_used")

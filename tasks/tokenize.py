@@ -3,8 +3,8 @@ from __future__ import annotations
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from saeflow.sae.lm.tokenize import pack_windows
 from saeflow.config import PipelineConfig
+from saeflow.sae.lm.tokenize import pack_windows
 from saeflow.storage.text import load_texts
 from saeflow.storage.tokens import TokenStoreRef, open_token_store, write_token_store
 from saeflow.tasks.common import DOWNLOAD_RETRIES, loaded_model, run_logger, token_store_url

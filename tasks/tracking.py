@@ -17,8 +17,9 @@ def start_pipeline_run(cfg: PipelineConfig, flow_name: str = "sae_pipeline") -> 
     """Open the parent MLflow run and record the resolved config on it."""
     tr = tracker(cfg)
     tags = {"saeflow.flow": flow_name, "model": cfg.model.name, **prefect_run_tags()}
-    if code_version():
-        tags["mlflow.source.git.commit"] = code_version()
+    commit = code_version()
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
     run_id = tr.start_run(cfg.name, tags=tags)
     dumped = cfg.model_dump(mode="json")
     tr.log_params(run_id, {k: v for k, v in dumped.items() if k != "saes"})
@@ -34,8 +35,13 @@ def log_token_manifest(cfg: PipelineConfig, run_id: str, tokens: TokenStoreRef) 
     tr = tracker(cfg)
     manifest = tokens.manifest()
     tr.log_dict(run_id, manifest, "manifests/tokens.json")
-    tr.log_dataset(run_id, f"tokens-{tokens.content_hash[:12]}", tokens.url, tokens.content_hash,
-                   {k: manifest[k] for k in ("shape", "n_train_windows", "n_eval_windows", "producing_config")})
+    tr.log_dataset(
+        run_id,
+        f"tokens-{tokens.content_hash[:12]}",
+        tokens.url,
+        tokens.content_hash,
+        {k: manifest[k] for k in ("shape", "n_train_windows", "n_eval_windows", "producing_config")},
+    )
 
 
 @task(name="finish-mlflow-run", cache_policy=NO_CACHE, **TRACKING_RETRIES)
@@ -52,9 +58,14 @@ def _fmt(m: dict[str, Any], key: str) -> str:
 
 def results_markdown(cfg: PipelineConfig, run_url: str, results: dict[str, Any], promotions: dict[str, Any]) -> str:
     """The flow run's outcome as a table: per SAE the held-out metrics and the promotion gate's decision."""
-    lines = [f"## {cfg.name}: {cfg.model.name}", "", f"MLflow parent run: [{run_url}]({run_url})", "",
-             "| site | SAE | registered | L0 | FVU | CE recovered | KL | dead | promotion |",
-             "|---|---|---|---:|---:|---:|---:|---:|---|"]
+    lines = [
+        f"## {cfg.name}: {cfg.model.name}",
+        "",
+        f"MLflow parent run: [{run_url}]({run_url})",
+        "",
+        "| site | SAE | registered | L0 | FVU | CE recovered | KL | dead | promotion |",
+        "|---|---|---|---:|---:|---:|---:|---:|---|",
+    ]
     for site, per_sae in results.items():
         for label, m in per_sae.items():
             p = promotions.get(site, {}).get(label)
@@ -65,9 +76,11 @@ def results_markdown(cfg: PipelineConfig, run_url: str, results: dict[str, Any],
                 verdict = "**champion**" + (f" (was v{p['champion_version']})" if p["champion_version"] else " (first)")
             else:
                 verdict = f"challenger: {p['reason']}"
-            lines.append(f"| {site} | {label} | {registered} | {_fmt(m, 'l0')} | {_fmt(m, 'fvu')} | "
-                         f"{_fmt(m, 'ce_loss_recovered')} | {_fmt(m, 'kl_div')} | {_fmt(m, 'dead_fraction')} | "
-                         f"{verdict} |")
+            lines.append(
+                f"| {site} | {label} | {registered} | {_fmt(m, 'l0')} | {_fmt(m, 'fvu')} | "
+                f"{_fmt(m, 'ce_loss_recovered')} | {_fmt(m, 'kl_div')} | {_fmt(m, 'dead_fraction')} | "
+                f"{verdict} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -80,8 +93,12 @@ def publish_results(cfg: PipelineConfig, run_id: str, results: dict[str, Any], p
     tr = tracker(cfg)
     url = f"{cfg.tracking.resolved_ui_url(tr.tracking_uri)}/#/experiments/{tr.experiment_id}/runs/{run_id}"
     markdown = results_markdown(cfg, url, results, promotions)
-    create_link_artifact(url, link_text=f"MLflow run {run_id}", key="mlflow-run",
-                         description="The MLflow parent run of this flow run (nested runs per SAE under it)")
+    create_link_artifact(
+        url,
+        link_text=f"MLflow run {run_id}",
+        key="mlflow-run",
+        description="The MLflow parent run of this flow run (nested runs per SAE under it)",
+    )
     create_markdown_artifact(markdown, key="sae-results", description="Held-out metrics and promotion decisions")
     tr.client.log_text(run_id, markdown, "eval/results.md")
     if promotions:

@@ -8,9 +8,9 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-import pytest  # noqa: E402
+import pytest
 
-import saeflow  # noqa: E402,F401
+import saeflow  # noqa: F401
 
 
 def _train_tokenizer(texts: list[str], vocab_size: int = 512):
@@ -38,8 +38,15 @@ def tiny_gpt2_dir(tmp_path_factory) -> str:
     tok = _train_tokenizer(texts)
     tok.save_pretrained(d)
     torch.manual_seed(0)
-    cfg = GPT2Config(vocab_size=len(tok), n_positions=64, n_embd=64, n_layer=3, n_head=4,
-                     bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    cfg = GPT2Config(
+        vocab_size=len(tok),
+        n_positions=64,
+        n_embd=64,
+        n_layer=3,
+        n_head=4,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
     GPT2LMHeadModel(cfg).save_pretrained(d)
     return d
 

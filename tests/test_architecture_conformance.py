@@ -4,6 +4,8 @@ splices into a model. A new architecture is covered by registering it; a duplica
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -29,8 +31,14 @@ def trained(arch: str) -> tuple[SAE, list[float]]:
             yield codes @ basis
 
     losses: list[float] = []
-    train_saes([sae], batches(), TrainingConfig(batch_size=256, log_every=1, lr_warmup=0.0), 256 * 60,
-               on_step=lambda step, tokens, m: losses.append(m[0]["loss"]), progress=False)
+    train_saes(
+        [sae],
+        batches(),
+        TrainingConfig(batch_size=256, log_every=1, lr_warmup=0.0),
+        256 * 60,
+        on_step=lambda step, tokens, m: losses.append(m[0]["loss"]),
+        progress=False,
+    )
     return sae.eval(), losses
 
 
@@ -78,8 +86,13 @@ def test_architecture_conforms(arch, tmp_path, tiny_gpt2_dir):
 
 
 def test_registering_a_taken_architecture_name_raises():
-    with pytest.raises(ValueError, match="SAE architecture 'topk' is already registered by saeflow.sae.architectures.topk.TopKSAE"):
+    with pytest.raises(
+        ValueError,
+        match=re.escape("SAE architecture 'topk' is already registered by saeflow.sae.architectures.topk.TopKSAE"),
+    ):
+
         @register("topk")
-        class Impostor(SAE):  # noqa: F841
+        class Impostor(SAE):
             pass
+
     assert ARCHITECTURES["topk"].__name__ == "TopKSAE"

@@ -27,8 +27,10 @@ def error_line(result) -> str:
     return lines[0]
 
 
-@pytest.mark.parametrize("path", ["configs/demo.yaml", "configs/gpt2-openwebtext.yaml", "configs/sotu-smollm2.yaml",
-                                  "configs/sweep-demo.yaml"])
+@pytest.mark.parametrize(
+    "path",
+    ["configs/demo.yaml", "configs/gpt2-openwebtext.yaml", "configs/sotu-smollm2.yaml", "configs/sweep-demo.yaml"],
+)
 def test_shipped_configs_validate_offline(path):
     cfg = load_config(f"{ROOT}/{path}")
     assert cfg.extract.sites and cfg.saes
@@ -100,14 +102,21 @@ def test_unknown_site_fails_clearly_and_registers_nothing(prefect_server, make_c
     assert [r.info.status for r in runs] == ["FAILED"]
 
 
-
-@pytest.mark.parametrize("override, words", [
-    ("retrain.cron='0 25 * * *'", "config error at retrain.cron: Value error, bad cron expression '0 25 * * *'"),
-    ("retrain.timezone=Mars/Olympus", "config error at retrain.timezone: Value error, unknown time zone "
-                                      "'Mars/Olympus': give an IANA name such as UTC or Europe/Berlin"),
-    ("promotion.metric=accuracy", "config error at promotion.metric: Input should be 'auto', 'ce_loss_recovered' "
-                                  "or 'fvu'"),
-])
+@pytest.mark.parametrize(
+    "override, words",
+    [
+        ("retrain.cron='0 25 * * *'", "config error at retrain.cron: Value error, bad cron expression '0 25 * * *'"),
+        (
+            "retrain.timezone=Mars/Olympus",
+            "config error at retrain.timezone: Value error, unknown time zone "
+            "'Mars/Olympus': give an IANA name such as UTC or Europe/Berlin",
+        ),
+        (
+            "promotion.metric=accuracy",
+            "config error at promotion.metric: Input should be 'auto', 'ce_loss_recovered' or 'fvu'",
+        ),
+    ],
+)
 def test_bad_schedule_and_promotion_settings_fail_with_one_line(override, words):
     r = run_cli("validate", f"{ROOT}/configs/demo.yaml", "--set", override)
     assert r.exit_code == 2
@@ -119,6 +128,8 @@ def test_registry_commands_without_a_store_fail_with_one_line_and_create_nothing
     for args in (["models"], ["promote", "some.model", "1"]):
         r = run_cli(*args, "--tracking-uri", uri)
         assert r.exit_code == 2
-        assert error_line(r) == (f"error: no MLflow store at {uri}: run `saeflow run` first, or pass --tracking-uri "
-                                 "/ set MLFLOW_TRACKING_URI")
+        assert error_line(r) == (
+            f"error: no MLflow store at {uri}: run `saeflow run` first, or pass --tracking-uri "
+            "/ set MLFLOW_TRACKING_URI"
+        )
     assert not (tmp_path / "nowhere").exists()

@@ -9,13 +9,13 @@ import yaml
 from mlflow import MlflowClient
 from typer.testing import CliRunner
 
-from saeflow.sae import ReLUConfig, build_sae
 from saeflow.cli import app
 from saeflow.config import load_config
+from saeflow.sae import ReLUConfig, build_sae
 from saeflow.storage.checkpoints import save_sae
+from saeflow.storage.sae_sources import site_from_hook
 from saeflow.storage.saelens import export_saelens, hook_name_for_site
 from saeflow.tasks.common import tracker
-from saeflow.storage.sae_sources import site_from_hook
 from saeflow.tasks.sae_reference import load_reference, resolve_sae_reference
 
 SITE = "resid_post.1"
@@ -38,10 +38,14 @@ def random_sae(d_in: int = 64, seed: int = 0):
 def config_file(tmp_path_factory, tiny_gpt2_dir):
     """One config (so one MLflow database and token store) for the whole module."""
     tmp_path = tmp_path_factory.mktemp("evaluate-cli")
-    data = {"name": "eval-test", "root": str(tmp_path / "work"), "model": {"name": tiny_gpt2_dir},
-            "tokens": {"context_size": 32, "train_tokens": 32, "eval_tokens": 384},
-            "extract": {"sites": [SITE]},
-            "eval": {"batch_size": 6, "n_latents": 4, "n_extreme_latents": 2, "top_contexts": 3, "zf_points": 500}}
+    data = {
+        "name": "eval-test",
+        "root": str(tmp_path / "work"),
+        "model": {"name": tiny_gpt2_dir},
+        "tokens": {"context_size": 32, "train_tokens": 32, "eval_tokens": 384},
+        "extract": {"sites": [SITE]},
+        "eval": {"batch_size": 6, "n_latents": 4, "n_extreme_latents": 2, "top_contexts": 3, "zf_points": 500},
+    }
     p = tmp_path / "eval.yaml"
     p.write_text(yaml.safe_dump(data))
     return str(p)
@@ -73,8 +77,17 @@ def test_saelens_export_evaluates_like_the_original_checkpoint(prefect_server, c
     client = MlflowClient(cfg.tracking_uri)
     ma, mb = (client.get_run(run_id_of(r)).data.metrics for r in (a, b))
     assert set(ma) == set(mb)
-    for key in ("eval/fvu", "eval/cosine_sim", "eval/l0", "eval/ce_loss_recovered", "eval/ce_loss_recovered_mean",
-                "eval/kl_div", "eval/shrinkage_gamma", "eval/afa_eps_lbo_median", "eval/decoder_cos_max"):
+    for key in (
+        "eval/fvu",
+        "eval/cosine_sim",
+        "eval/l0",
+        "eval/ce_loss_recovered",
+        "eval/ce_loss_recovered_mean",
+        "eval/kl_div",
+        "eval/shrinkage_gamma",
+        "eval/afa_eps_lbo_median",
+        "eval/decoder_cos_max",
+    ):
         assert key in ma, key
     for key in ma:  # import unfolds the exported scale, so even normalized-unit MSE agrees
         assert mb[key] == pytest.approx(ma[key], rel=2e-4, abs=1e-6), key
@@ -112,8 +125,10 @@ def test_d_model_mismatch_fails_with_one_line(config_file, tmp_path):
     assert "d_in 32" in line and "width 64" in line
 
 
-@pytest.mark.parametrize("site, words", [("resid_post.2", "trained at resid_post.1"), ("resid_post.9", "layers 0..2"),
-                                         ("attn.1", "bad site")])
+@pytest.mark.parametrize(
+    "site, words",
+    [("resid_post.2", "trained at resid_post.1"), ("resid_post.9", "layers 0..2"), ("attn.1", "bad site")],
+)
 def test_wrong_site_fails_with_one_line(config_file, tmp_path, site, words):
     ckpt = save_sae(random_sae(), str(tmp_path / "ckpt"), {"site": SITE})
     r = invoke(ckpt, "--config", config_file, "--site", site)

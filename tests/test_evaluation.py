@@ -45,8 +45,15 @@ def test_identity_and_zero_reconstructions_give_ce_recovered_one_and_zero(lm, si
     batches = [torch.randint(0, lm.tokenizer.vocab_size, (4, 24)) for _ in range(2)]
     d = lm.model.config.n_embd
     mean = torch.randn(d)
-    res = evaluate_site(lm.model, batches, site, {"id": identity_sae(d), "zero": zero_sae(d)}, True,
-                        mean_activation=mean, progress=False)
+    res = evaluate_site(
+        lm.model,
+        batches,
+        site,
+        {"id": identity_sae(d), "zero": zero_sae(d)},
+        True,
+        mean_activation=mean,
+        progress=False,
+    )
     ident, zero = res["id"], res["zero"]
     assert ident["ce_loss_recovered"] == 1.0
     assert ident["ce_loss_spliced"] == ident["ce_loss_clean"]
@@ -77,7 +84,9 @@ def test_reconstruction_metrics_match_numpy():
     assert m["mse"] == pytest.approx(((x - x_hat) ** 2).sum(1).mean(), rel=1e-12)
     assert m["l0"] == pytest.approx((f > 0).sum(1).mean(), rel=1e-12)
     freq = (f > 0).mean(0)
-    assert m["dead_fraction"] == pytest.approx((freq == 0).mean()) and m["dense_fraction"] == pytest.approx((freq > 0.1).mean())
+    assert m["dead_fraction"] == pytest.approx((freq == 0).mean()) and m["dense_fraction"] == pytest.approx(
+        (freq > 0.1).mean()
+    )
     xc, xh = x - b, x_hat - b
     assert m["shrinkage_gamma"] == pytest.approx((xh**2).sum() / (xh * xc).sum(), rel=1e-10)
     cos = (x * x_hat).sum(1) / (np.linalg.norm(x, axis=1) * np.linalg.norm(x_hat, axis=1))
@@ -128,8 +137,16 @@ def tiny_bert(tmp_path_factory):
 
     d = str(tmp_path_factory.mktemp("tiny-bert"))
     torch.manual_seed(0)
-    BertModel(BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                         intermediate_size=64, max_position_embeddings=64)).save_pretrained(d)
+    BertModel(
+        BertConfig(
+            vocab_size=100,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+            max_position_embeddings=64,
+        )
+    ).save_pretrained(d)
     return AutoModel.from_pretrained(d).eval()
 
 
@@ -137,8 +154,7 @@ def tiny_bert(tmp_path_factory):
 def test_encoder_pooled_cosine_identity_recovers_one_and_zero_recovers_zero(tiny_bert, site):
     torch.manual_seed(3)
     batches = [torch.randint(0, 100, (3, 16)) for _ in range(2)]
-    res = evaluate_saes(tiny_bert, batches, site, {"id": identity_sae(32), "zero": zero_sae(32)}, False,
-                        progress=False)
+    res = evaluate_saes(tiny_bert, batches, site, {"id": identity_sae(32), "zero": zero_sae(32)}, False, progress=False)
     ident, zero = res["id"].metrics, res["zero"].metrics
     assert "ce_loss_clean" not in ident
     assert ident["pooled_cos_spliced"] == pytest.approx(1.0, abs=1e-12)

@@ -163,8 +163,14 @@ def trained():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        train_saes(saes, x.split(bs), TrainingConfig(batch_size=bs), total_tokens=steps * bs,
-                   b_dec_sample=x[:2048], progress=False)
+        train_saes(
+            saes,
+            x.split(bs),
+            TrainingConfig(batch_size=bs),
+            total_tokens=steps * bs,
+            b_dec_sample=x[:2048],
+            progress=False,
+        )
     finally:
         torch.set_num_threads(threads)
     return saes

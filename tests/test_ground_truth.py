@@ -11,8 +11,9 @@ import torch
 from saeflow.sae.evaluation.synthetic import REFERENCE_SPECS, SyntheticActivations, SyntheticConfig, train_synthetic
 
 D, FEATURES, D_SAE, STEPS, BATCH = 64, 128, 256, 1500, 512
-SPECS = {name: REFERENCE_SPECS[name] for name in
-         ("relu", "gated", "jumprelu", "topk", "batchtopk", "topafa", "topafa_no_l1")}
+SPECS = {
+    name: REFERENCE_SPECS[name] for name in ("relu", "gated", "jumprelu", "topk", "batchtopk", "topafa", "topafa_no_l1")
+}
 
 
 @pytest.fixture(scope="module")
@@ -36,9 +37,13 @@ def test_recovers_90_percent_of_true_features(results, arch):
     assert m["fvu"] < 0.35 and m["l0"] < (4 if arch == "topafa" else 3) * m["true_l0"], m
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "top-AFA exactly as SPEC 2.6 has it (no L1) has no pressure toward few latents: on this instance it settles "
-    "on a dense code (L0 ≈ 10× the true L0, FVU ≈ 0.01) whose decoder rows are mixtures (benchmarks/README.md)"))
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "top-AFA exactly as SPEC 2.6 has it (no L1) has no pressure toward few latents: on this instance it settles "
+        "on a dense code (L0 ≈ 10× the true L0, FVU ≈ 0.01) whose decoder rows are mixtures (benchmarks/README.md)"
+    ),
+)
 def test_topafa_without_l1_recovers_90_percent_of_true_features(results):
     assert results["topafa_no_l1"]["recovered"] >= 0.9, results["topafa_no_l1"]
 

@@ -31,8 +31,9 @@ def _grads(decode, vals, idx, W_dec, b_dec):
 
 def test_sparse_decode_forward_matches_dense():
     vals, idx, W_dec, b_dec = _code()
-    torch.testing.assert_close(sparse_decode(vals, idx, W_dec, b_dec), dense_decode(vals, idx, W_dec, b_dec),
-                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        sparse_decode(vals, idx, W_dec, b_dec), dense_decode(vals, idx, W_dec, b_dec), atol=1e-5, rtol=1e-5
+    )
 
 
 def test_sparse_decode_gradients_match_dense():
@@ -64,8 +65,12 @@ def test_decode_topk_picks_sparse_only_for_small_k():
     with pytest.raises(ValueError, match="decode impl"):
         use_sparse(32, 8192, "fast")  # type: ignore[arg-type]
     vals, idx, W_dec, b_dec = _code(4)
-    torch.testing.assert_close(decode_topk(vals, idx, W_dec, b_dec, "sparse"),
-                               decode_topk(vals, idx, W_dec, b_dec, "dense"), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        decode_topk(vals, idx, W_dec, b_dec, "sparse"),
+        decode_topk(vals, idx, W_dec, b_dec, "dense"),
+        atol=1e-5,
+        rtol=1e-5,
+    )
 
 
 @pytest.mark.parametrize("with_dead", [False, True])
@@ -89,8 +94,9 @@ def test_topk_training_loss_and_gradients_same_with_sparse_or_dense_decoder(with
     torch.testing.assert_close(s_out.x_hat, d_out.x_hat, atol=1e-5, rtol=1e-5)
     assert torch.equal(s_out.f, d_out.f)
     for name in s_grads:
-        torch.testing.assert_close(s_grads[name], d_grads[name], atol=1e-5, rtol=1e-5,
-                                   msg=lambda m, name=name: f"{name}: {m}")
+        torch.testing.assert_close(
+            s_grads[name], d_grads[name], atol=1e-5, rtol=1e-5, msg=lambda m, name=name: f"{name}: {m}"
+        )
 
 
 def test_topk_training_code_equals_encode():

@@ -9,7 +9,13 @@ import pytest
 import torch
 
 from saeflow.sae import ReLUConfig, build_sae
-from saeflow.sae.evaluation.latents import TopContexts, choose_latents, collect_top_contexts, render_html, windows_needed
+from saeflow.sae.evaluation.latents import (
+    TopContexts,
+    choose_latents,
+    collect_top_contexts,
+    render_html,
+    windows_needed,
+)
 from saeflow.sae.lm.models import load_model
 from saeflow.sae.lm.sites import run_to_sites
 

@@ -10,14 +10,13 @@ from mlflow import MlflowClient
 from typer.testing import CliRunner
 
 import saeflow
+from saeflow.cli import app
 from saeflow.flows.pipeline import sae_pipeline
 from saeflow.sae.architectures.registry import ARCHITECTURES
 from saeflow.sae.evaluation.evaluate import evaluate_site
 from saeflow.sae.lm.models import load_model
-from saeflow.cli import app
 from saeflow.storage.tokens import iter_window_batches, open_token_store
 from saeflow.tasks.common import token_store_url
-
 from tests.conftest import tiny_config
 
 
@@ -56,9 +55,21 @@ def test_pipeline_logs_parent_and_nested_runs(pipeline_runs):
     for child in children:
         m = child.data.metrics
         assert child.info.status == "FINISHED"
-        for key in ("eval/fvu", "eval/l0", "eval/mse", "eval/dead_fraction", "eval/ce_loss_recovered",
-                    "eval/ce_loss_clean", "eval/ce_loss_spliced", "eval/ce_loss_zero_ablation", "eval/kl_div",
-                    "train/loss", "train/fvu", "train/l0", "train/dead_fraction"):
+        for key in (
+            "eval/fvu",
+            "eval/l0",
+            "eval/mse",
+            "eval/dead_fraction",
+            "eval/ce_loss_recovered",
+            "eval/ce_loss_clean",
+            "eval/ce_loss_spliced",
+            "eval/ce_loss_zero_ablation",
+            "eval/kl_div",
+            "train/loss",
+            "train/fvu",
+            "train/l0",
+            "train/dead_fraction",
+        ):
             assert key in m, key
         assert len(client.get_metric_history(child.info.run_id, "train/loss")) > 3
         assert 0 <= m["eval/fvu"] < 1.5 and m["eval/l0"] > 0
@@ -74,11 +85,14 @@ def test_pipeline_logs_parent_and_nested_runs(pipeline_runs):
 
 
 def test_saes_are_registered_with_tags_and_new_versions_per_run(pipeline_runs):
-    cfg, first, second, _ = pipeline_runs
+    cfg, _first, _second, _ = pipeline_runs
     client = MlflowClient(cfg.tracking_uri, cfg.tracking_uri)
     models = {m.name for m in client.search_registered_models()}
-    want = {f"saeflow.{os.path.basename(cfg.model.name)}.{site}.{arch}"
-            for site in cfg.extract.sites for arch in ("topk", "relu")}
+    want = {
+        f"saeflow.{os.path.basename(cfg.model.name)}.{site}.{arch}"
+        for site in cfg.extract.sites
+        for arch in ("topk", "relu")
+    }
     assert want <= models
     for name in want:
         versions = client.search_model_versions(f"name = '{name}'")
@@ -101,8 +115,9 @@ def test_pulled_registered_sae_reproduces_its_logged_metrics(pipeline_runs, tmp_
     cfg, first, _, _ = pipeline_runs
     site = "resid_post.1"
     name = f"saeflow.{os.path.basename(cfg.model.name)}.{site}.topk"
-    result = CliRunner().invoke(app, ["pull", f"{name}@current", str(tmp_path / "pulled"),
-                                      "--tracking-uri", cfg.tracking_uri])
+    result = CliRunner().invoke(
+        app, ["pull", f"{name}@current", str(tmp_path / "pulled"), "--tracking-uri", cfg.tracking_uri]
+    )
     assert result.exit_code == 0, result.output
     pulled = saeflow.load_sae(result.stdout.strip().splitlines()[-1])
     assert result.stdout.strip().endswith(os.path.join("pulled", "artifacts", "sae"))  # inside the MLflow model
@@ -121,18 +136,29 @@ def test_pulled_registered_sae_reproduces_its_logged_metrics(pipeline_runs, tmp_
     import json
 
     st = json.load(open(stats))
-    m = evaluate_site(lm.model, batches, site, {"pulled": pulled}, True,
-                      mean_activation=torch.tensor(st["mean"], dtype=torch.float32),
-                      outlier_norm=st["outlier_norm_threshold"], progress=False)["pulled"]
+    m = evaluate_site(
+        lm.model,
+        batches,
+        site,
+        {"pulled": pulled},
+        True,
+        mean_activation=torch.tensor(st["mean"], dtype=torch.float32),
+        outlier_norm=st["outlier_norm_threshold"],
+        progress=False,
+    )["pulled"]
     for key in ("fvu", "l0", "ce_loss_recovered", "kl_div"):
         assert m[key] == pytest.approx(logged[f"eval/{key}"], rel=1e-5, abs=1e-7), key
 
 
 def test_every_architecture_trains_through_the_pipeline_config(prefect_server, tiny_gpt2_dir, tmp_path):
     archs = sorted(ARCHITECTURES)  # every registered architecture
-    cfg = tiny_config(str(tmp_path), tiny_gpt2_dir, extract={"sites": ["resid_post.1"], "batch_size": 16},
-                      saes=[{"architecture": a, "expansion_factor": 2} for a in archs],
-                      eval={"batch_size": 8, "latent_report": False})
+    cfg = tiny_config(
+        str(tmp_path),
+        tiny_gpt2_dir,
+        extract={"sites": ["resid_post.1"], "batch_size": 16},
+        saes=[{"architecture": a, "expansion_factor": 2} for a in archs],
+        eval={"batch_size": 8, "latent_report": False},
+    )
     out = sae_pipeline(cfg)
     metrics = out["metrics"]["resid_post.1"]
     assert sorted(label.split("-")[0] for label in metrics) == sorted(archs)

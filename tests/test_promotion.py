@@ -14,10 +14,9 @@ from mlflow import MlflowClient
 from typer.testing import CliRunner
 
 import saeflow
+from saeflow.cli import app
 from saeflow.flows.pipeline import sae_pipeline
 from saeflow.flows.retrain import sae_retrain
-from saeflow.cli import app
-
 from tests.conftest import tiny_config
 
 SITE = "resid_post.1"
@@ -27,9 +26,15 @@ LABEL = "topk-x4-k8"
 def gate_config(root, model_dir, **overrides):
     # FVU: the tiny GPT-2 has random weights, so its CE loss recovered is noise; the default metric for a model
     # with an LM head (CE recovered) is checked in test_promotion_rule.
-    return tiny_config(root, model_dir, extract={"sites": [SITE], "batch_size": 16}, promotion={"metric": "fvu"},
-                       saes=[{"architecture": "topk", "k": 8, "expansion_factor": 4}],
-                       eval={"batch_size": 8, "latent_report": False, "afa": False}, **overrides)
+    return tiny_config(
+        root,
+        model_dir,
+        extract={"sites": [SITE], "batch_size": 16},
+        promotion={"metric": "fvu"},
+        saes=[{"architecture": "topk", "k": 8, "expansion_factor": 4}],
+        eval={"batch_size": 8, "latent_report": False, "afa": False},
+        **overrides,
+    )
 
 
 def under_trained(cfg):
@@ -44,7 +49,8 @@ def flow_run_artifacts(flow_run_id: str) -> dict[str, object]:
     async def read():
         async with get_client() as client:
             return await client.read_artifacts(
-                artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+                artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
+            )
 
     return {a.key: a for a in asyncio.run(read())}
 
@@ -85,8 +91,21 @@ def test_first_version_is_champion_better_is_promoted_worse_is_not(gated):
     assert "Not promoted" in v3.description and "Promoted to champion" in v2.description
     # both sides were scored on the same held-out tokens, so the champion was not re-scored
     assert v3.tags["eval_tokens_hash"] == v2.tags["eval_tokens_hash"] and "promotion.champion_rescored" not in v3.tags
-    for key in ("l0", "fvu", "ce_loss_recovered", "dead_fraction", "site", "architecture", "d_in", "d_sae",
-                "data_hash", "config_hash", "train_hash", "code_version", "seed"):
+    for key in (
+        "l0",
+        "fvu",
+        "ce_loss_recovered",
+        "dead_fraction",
+        "site",
+        "architecture",
+        "d_in",
+        "d_sae",
+        "data_hash",
+        "config_hash",
+        "train_hash",
+        "code_version",
+        "seed",
+    ):
         assert key in v3.tags, key
     assert (v3.tags["d_in"], v3.tags["d_sae"]) == ("64", "256")
     model = MlflowClient(cfg.tracking_uri, cfg.tracking_uri).get_registered_model(name)
@@ -140,7 +159,7 @@ def test_pyfunc_model_encodes_like_load_sae_and_nothing_is_pickled(gated):
 
     from saeflow.storage.tracking import process_uris
 
-    cfg, outs, name = gated
+    cfg, _outs, name = gated
     with process_uris(cfg.tracking_uri):  # as `mlflow.set_tracking_uri(...)` would, without leaking to other tests
         model = mlflow.pyfunc.load_model(f"models:/{name}@champion")
     spec = model.metadata.signature
@@ -155,8 +174,12 @@ def test_pyfunc_model_encodes_like_load_sae_and_nothing_is_pickled(gated):
     assert np.array_equal(model.predict(x), codes)
     assert np.array_equal(model.predict(x, params={"output": "reconstruction"}), recon)
     assert (codes > 0).sum(axis=1).max() <= 8  # TopK k=8
-    pickled = [os.path.join(d, f) for d, _, files in os.walk(cfg.root) for f in files
-               if f.endswith((".pkl", ".pickle", ".pt", ".pth", ".cloudpickle"))]
+    pickled = [
+        os.path.join(d, f)
+        for d, _, files in os.walk(cfg.root)
+        for f in files
+        if f.endswith((".pkl", ".pickle", ".pt", ".pth", ".cloudpickle"))
+    ]
     assert pickled == []
     with open(os.path.join(model._model_meta.artifact_path.removeprefix("file://"), "MLmodel")) as f:
         mlmodel = f.read()
@@ -186,14 +209,19 @@ def test_retrain_skips_unchanged_data_and_retrains_when_the_data_grows(prefect_s
     corpus.mkdir()
     texts = [row["text"] for _, row in zip(range(400), python_docs_texts())]
     (corpus / "a.txt").write_text("\n".join(texts[:200]))
-    cfg = gate_config(str(tmp_path / "work"), tiny_gpt2_dir, dataset={"source": str(corpus)},
-                      tokens={"context_size": 32, "train_tokens": 2048, "eval_tokens": 256})
+    cfg = gate_config(
+        str(tmp_path / "work"),
+        tiny_gpt2_dir,
+        dataset={"source": str(corpus)},
+        tokens={"context_size": 32, "train_tokens": 2048, "eval_tokens": 256},
+    )
     first = sae_retrain(cfg)
     assert not first["skipped"] and first["promotions"][SITE][LABEL]["promoted"]
     again = sae_retrain(cfg)
     assert again["skipped"] and "unchanged" in again["reason"]
-    seeded = sae_retrain(cfg.model_copy(update={"retrain": cfg.retrain.model_copy(
-        update={"when_unchanged": "new_seed"})}))
+    seeded = sae_retrain(
+        cfg.model_copy(update={"retrain": cfg.retrain.model_copy(update={"when_unchanged": "new_seed"})})
+    )
     assert not seeded["skipped"] and "new seed 1" in seeded["reason"]
     name = first["promotions"][SITE][LABEL]["name"]
     assert version(cfg, name, 2).tags["seed"] == "1"

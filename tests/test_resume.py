@@ -120,16 +120,25 @@ def test_a_killed_run_resumed_from_its_checkpoint_ends_bit_for_bit_where_an_unin
             raise Killed
 
     with pytest.raises(Killed):
-        train_saes(new_group(), stream, CFG, TOTAL, b_dec_sample=sample, on_step=kill_at_step_30, progress=False,
-                   on_checkpoint=lambda tr: save_training_state(str(tmp_path), tr, stream.cursor()))
+        train_saes(
+            new_group(),
+            stream,
+            CFG,
+            TOTAL,
+            b_dec_sample=sample,
+            on_step=kill_at_step_30,
+            progress=False,
+            on_checkpoint=lambda tr: save_training_state(str(tmp_path), tr, stream.cursor()),
+        )
     ckpt = load_training_state(str(tmp_path))
     assert ckpt.tokens_seen == 800  # the last multiple of 200 reached before step 30 (960 tokens)
     cur = ckpt.cursor
     assert (cur["epoch"], cur["buffer"]) == (1, 0) and cur["batch"] > 0 and len(cur["carry"]) > 0  # mid-buffer
 
     resumed_ref = counting(store)
-    resumed_stream = TrainingBatches(resumed_ref, "s", 32, 1.0, seed=0, chunks_per_buffer=CHUNKS_PER_BUFFER,
-                                     cursor=ckpt.cursor)
+    resumed_stream = TrainingBatches(
+        resumed_ref, "s", 32, 1.0, seed=0, chunks_per_buffer=CHUNKS_PER_BUFFER, cursor=ckpt.cursor
+    )
     resumed = train_saes(new_group(), resumed_stream, CFG, TOTAL, resume_from=ckpt.state, progress=False)
 
     assert_same_training_state(full, resumed)
@@ -148,6 +157,7 @@ def test_a_save_killed_midway_leaves_the_previous_checkpoint_in_force(store, tmp
 
     def on_checkpoint(trainer):
         if len(saves) == 1:  # the second save dies after writing part of its tensors
+
             def partial_write(tensors, path):
                 real_save_file(dict(list(tensors.items())[:3]), path)
                 raise Killed
@@ -172,12 +182,22 @@ def test_a_state_only_half_written_is_no_checkpoint(tmp_path):
 def pipeline_config(root: str, **train):
     from saeflow.config import validate_config
 
-    return validate_config({
-        "root": root,
-        "saes": [s.model_dump() for s in SPECS],
-        "train": {"batch_size": 32, "log_every": 5, "dead_tokens": 128, "device": "cpu", "tokens": TOTAL,
-                  "b_dec_sample_rows": 256, "checkpoint_every_tokens": 200, **train},
-    })
+    return validate_config(
+        {
+            "root": root,
+            "saes": [s.model_dump() for s in SPECS],
+            "train": {
+                "batch_size": 32,
+                "log_every": 5,
+                "dead_tokens": 128,
+                "device": "cpu",
+                "tokens": TOTAL,
+                "b_dec_sample_rows": 256,
+                "checkpoint_every_tokens": 200,
+                **train,
+            },
+        }
+    )
 
 
 STATS = {"scale": 1.0, "n_rows_used": 716, "normalize": "none"}
@@ -192,8 +212,14 @@ def test_too_large_a_group_fails_before_building_anything_with_one_line_naming_t
         train_site_saes.fn(cfg, store, STATS, "s", list(cfg.saes), "no-parent-run")
     msg = str(err.value)
     assert "\n" not in msg and msg.startswith("train s [topk-x100000000-k4, ")
-    for words in ("needs about", "GiB", "available RAM", "train.batch_size",
-                  "expansion_factor", "train.group_by_site=false"):
+    for words in (
+        "needs about",
+        "GiB",
+        "available RAM",
+        "train.batch_size",
+        "expansion_factor",
+        "train.group_by_site=false",
+    ):
         assert words in msg
     assert not os.path.exists(tmp_path / "work")  # no MLflow store, no checkpoint: it failed first
 

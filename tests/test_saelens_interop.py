@@ -129,12 +129,28 @@ def test_exported_tensors_have_saelens_names_and_shapes(arch, tmp_path):
 
 def test_exported_cfg_has_saelens_keys_and_records_the_scale(tmp_path):
     sae = make_sae("topk")
-    export_saelens(sae, str(tmp_path), hook_name=hook_name_for_site("resid_post.3"), model_name="gpt2",
-                   metadata={"context_size": 128})
+    export_saelens(
+        sae,
+        str(tmp_path),
+        hook_name=hook_name_for_site("resid_post.3"),
+        model_name="gpt2",
+        metadata={"context_size": 128},
+    )
     with open(tmp_path / "cfg.json") as f:
         cfg = json.load(f)
-    assert {"d_in", "d_sae", "dtype", "device", "apply_b_dec_to_input", "normalize_activations",
-            "reshape_activations", "metadata", "architecture", "k", "rescale_acts_by_decoder_norm"} <= set(cfg)
+    assert {
+        "d_in",
+        "d_sae",
+        "dtype",
+        "device",
+        "apply_b_dec_to_input",
+        "normalize_activations",
+        "reshape_activations",
+        "metadata",
+        "architecture",
+        "k",
+        "rescale_acts_by_decoder_norm",
+    } <= set(cfg)
     assert (cfg["architecture"], cfg["k"], cfg["d_in"], cfg["d_sae"]) == ("topk", 8, D_IN, D_SAE)
     assert cfg["normalize_activations"] == "none" and cfg["apply_b_dec_to_input"] is True
     assert cfg["rescale_acts_by_decoder_norm"] is False
@@ -174,8 +190,9 @@ def _rewrite(directory: str, cfg_update: dict, tensors: dict | None = None) -> s
     with open(os.path.join(directory, "cfg.json"), "w") as f:
         json.dump(cfg, f)
     if tensors is not None:
-        save_file({k: v.float().contiguous() for k, v in tensors.items()},
-                  os.path.join(directory, "sae_weights.safetensors"))
+        save_file(
+            {k: v.float().contiguous() for k, v in tensors.items()}, os.path.join(directory, "sae_weights.safetensors")
+        )
     return directory
 
 
@@ -231,15 +248,17 @@ def test_import_expected_average_only_in_uses_the_stored_scaling_factor(tmp_path
 
 @pytest.mark.parametrize("norm", ["layer_norm", "constant_norm_rescale", "covariance_whitening"])
 def test_import_rejects_per_token_or_whitening_normalization(norm, tmp_path):
-    directory = _rewrite(export_saelens(make_sae("relu"), str(tmp_path), hook_name="h"),
-                         {"normalize_activations": norm})
+    directory = _rewrite(
+        export_saelens(make_sae("relu"), str(tmp_path), hook_name="h"), {"normalize_activations": norm}
+    )
     with pytest.raises(SAELensFormatError, match=norm):
         import_saelens(directory)
 
 
 def test_import_rejects_architectures_without_a_saeflow_equivalent(tmp_path):
-    directory = _rewrite(export_saelens(make_sae("topk"), str(tmp_path), hook_name="h"),
-                         {"architecture": "matching_pursuit"})
+    directory = _rewrite(
+        export_saelens(make_sae("topk"), str(tmp_path), hook_name="h"), {"architecture": "matching_pursuit"}
+    )
     with pytest.raises(SAELensFormatError, match="matching_pursuit"):
         import_saelens(directory)
 

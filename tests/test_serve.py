@@ -24,17 +24,23 @@ BIN = os.path.dirname(sys.executable)
 def served(prefect_server, tiny_gpt2_dir, tmp_path):
     from prefect.settings import PREFECT_API_URL
 
-    cfg = tiny_config("./work", tiny_gpt2_dir, name="ui-demo", extract={"sites": ["resid_post.1"], "batch_size": 16},
-                      saes=[{"architecture": "topk", "k": 8, "expansion_factor": 4}],
-                      eval={"batch_size": 8, "latent_report": False, "afa": False},
-                      retrain={"cron": "30 3 * * *", "timezone": "Europe/Berlin"})
+    cfg = tiny_config(
+        "./work",
+        tiny_gpt2_dir,
+        name="ui-demo",
+        extract={"sites": ["resid_post.1"], "batch_size": 16},
+        saes=[{"architecture": "topk", "k": 8, "expansion_factor": 4}],
+        eval={"batch_size": 8, "latent_report": False, "afa": False},
+        retrain={"cron": "30 3 * * *", "timezone": "Europe/Berlin"},
+    )
     path = tmp_path / "ui-demo.yaml"
     path.write_text(yaml.safe_dump(cfg.model_dump(mode="json", exclude_unset=True)))
     env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
     env.pop("MLFLOW_TRACKING_URI", None)
     log = open(tmp_path / "serve.log", "w+")
-    proc = subprocess.Popen([os.path.join(BIN, "saeflow"), "serve", str(path)], cwd=tmp_path, env=env,
-                            stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [os.path.join(BIN, "saeflow"), "serve", str(path)], cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT
+    )
     try:
         yield tmp_path, env, proc, log
     finally:
@@ -50,8 +56,9 @@ def prefect_cli_listings(env: dict[str, str]) -> dict[str, str]:
     """stdout of `prefect deployment|flow|flow-run|work-pool ls`, each asserted to exit 0."""
     out = {}
     for what in ("deployment", "flow", "flow-run", "work-pool"):
-        r = subprocess.run([os.path.join(BIN, "prefect"), what, "ls"], env=env, capture_output=True, text=True,
-                           timeout=120)
+        r = subprocess.run(
+            [os.path.join(BIN, "prefect"), what, "ls"], env=env, capture_output=True, text=True, timeout=120
+        )
         assert r.returncode == 0, (what, r.stderr)
         out[what] = r.stdout
     return out
@@ -62,8 +69,7 @@ async def wait_for_deployments(names: set[str], proc, log, timeout=180):
 
     async with get_client() as client:
         for _ in range(timeout):
-            found = {f"{(await client.read_flow(d.flow_id)).name}/{d.name}": d
-                     for d in await client.read_deployments()}
+            found = {f"{(await client.read_flow(d.flow_id)).name}/{d.name}": d for d in await client.read_deployments()}
             if names <= set(found):
                 return found
             if proc.poll() is not None:
@@ -85,8 +91,11 @@ def test_serve_registers_deployments_and_a_ui_triggered_run_lands_in_the_registr
 
     nightly = found["sae_retrain/nightly"]
     (schedule,) = nightly.schedules
-    assert (schedule.schedule.cron, schedule.schedule.timezone, schedule.active) == ("30 3 * * *", "Europe/Berlin",
-                                                                                     True)
+    assert (schedule.schedule.cron, schedule.schedule.timezone, schedule.active) == (
+        "30 3 * * *",
+        "Europe/Berlin",
+        True,
+    )
     log.seek(0)
     assert "sae_retrain/nightly: cron '30 3 * * *' (Europe/Berlin); next run " in log.read()
 
@@ -108,8 +117,9 @@ def test_serve_registers_deployments_and_a_ui_triggered_run_lands_in_the_registr
 
     client = MlflowClient(defaults["tracking"]["uri"], defaults["tracking"]["uri"])
     exp = client.get_experiment_by_name("saeflow")
-    (parent,) = client.search_runs([exp.experiment_id], f"tags.`prefect.flow_run_id` = '{flow_run.id}'"
-                                                        " and tags.`saeflow.flow` = 'sae_pipeline'")
+    (parent,) = client.search_runs(
+        [exp.experiment_id], f"tags.`prefect.flow_run_id` = '{flow_run.id}' and tags.`saeflow.flow` = 'sae_pipeline'"
+    )
     assert parent.info.run_name == "edited-in-ui" and parent.info.status == "FINISHED"
     assert parent.data.tags["prefect.flow_run_url"].endswith(f"/flow-run/{flow_run.id}")
     (model,) = [m for m in client.search_registered_models() if m.name.endswith(".resid_post.1.topk")]
@@ -119,8 +129,9 @@ def test_serve_registers_deployments_and_a_ui_triggered_run_lands_in_the_registr
 
     async def artifacts():
         async with get_client() as c:
-            return await c.read_artifacts(artifact_filter=ArtifactFilter(
-                flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run.id])))
+            return await c.read_artifacts(
+                artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run.id]))
+            )
 
     arts = {a.key: a for a in asyncio.run(artifacts())}
     assert f"{model.name} v1" in arts["sae-results"].data and "**champion** (first)" in arts["sae-results"].data
@@ -135,8 +146,9 @@ def test_serve_registers_deployments_and_a_ui_triggered_run_lands_in_the_registr
 def test_serve_without_a_prefect_api_fails_with_one_line(tmp_path):
     env = {**os.environ, "PREFECT_API_URL": "http://127.0.0.1:9/api"}
     start = time.time()
-    r = subprocess.run([os.path.join(BIN, "saeflow"), "serve"], env=env, capture_output=True, text=True,
-                       timeout=120, cwd=tmp_path)
+    r = subprocess.run(
+        [os.path.join(BIN, "saeflow"), "serve"], env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path
+    )
     assert r.returncode == 2, r.stderr
     (line,) = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert line.startswith("error: the Prefect API at http://127.0.0.1:9/api does not answer")
@@ -153,31 +165,42 @@ def test_deploy_registers_the_deployments_with_a_work_pool(prefect_server, tiny_
     path.write_text(yaml.safe_dump(cfg.model_dump(mode="json", exclude_unset=True)))
     env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
     saeflow = os.path.join(BIN, "saeflow")
-    r = subprocess.run([saeflow, "deploy", str(path), "--pool", "no-such-pool"], env=env, capture_output=True,
-                       text=True, timeout=300)
+    r = subprocess.run(
+        [saeflow, "deploy", str(path), "--pool", "no-such-pool"], env=env, capture_output=True, text=True, timeout=300
+    )
     assert r.returncode == 2
     (line,) = [ln for ln in r.stderr.splitlines() if ln.strip()]
-    assert line == ("error: work pool 'no-such-pool' does not exist: create it with `prefect work-pool create "
-                    "no-such-pool --type process` (or list them with `prefect work-pool ls`)")
+    assert line == (
+        "error: work pool 'no-such-pool' does not exist: create it with `prefect work-pool create "
+        "no-such-pool --type process` (or list them with `prefect work-pool ls`)"
+    )
 
     async def make_pool():
         async with get_client() as client:
             await client.create_work_pool(WorkPoolCreate(name="gpu-boxes", type="process"), overwrite=True)
 
     asyncio.run(make_pool())
-    r = subprocess.run([saeflow, "deploy", str(path), "--pool", "gpu-boxes"], env=env, capture_output=True,
-                       text=True, timeout=300)
+    r = subprocess.run(
+        [saeflow, "deploy", str(path), "--pool", "gpu-boxes"], env=env, capture_output=True, text=True, timeout=300
+    )
     assert r.returncode == 0, r.stderr
     assert "4 deployments in work pool 'gpu-boxes'; run them with: prefect worker start --pool gpu-boxes" in r.stdout
 
     async def pooled():
         async with get_client() as client:
-            return {f"{(await client.read_flow(d.flow_id)).name}/{d.name}": d for d in await client.read_deployments()
-                    if d.work_pool_name == "gpu-boxes"}
+            return {
+                f"{(await client.read_flow(d.flow_id)).name}/{d.name}": d
+                for d in await client.read_deployments()
+                if d.work_pool_name == "gpu-boxes"
+            }
 
     found = asyncio.run(pooled())
-    assert set(found) == {"sae_pipeline/pool-demo", "sae_sweep/pool-demo", "evaluate_sae/pool-demo",
-                          "sae_retrain/nightly"}
+    assert set(found) == {
+        "sae_pipeline/pool-demo",
+        "sae_sweep/pool-demo",
+        "evaluate_sae/pool-demo",
+        "sae_retrain/nightly",
+    }
     assert found["sae_pipeline/pool-demo"].entrypoint == "flows/pipeline.py:sae_pipeline"
     assert found["sae_pipeline/pool-demo"].parameters["config"]["root"] == str(tmp_path / "work")
 
@@ -201,18 +224,33 @@ def test_nightly_schedule_creates_runs_on_a_real_prefect_server_start(tiny_gpt2_
 
     port = _free_port()
     api = f"http://127.0.0.1:{port}/api"
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_API_URL": api,
-           "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "2", "COLUMNS": "250"}
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(tmp_path / "prefect-home"),
+        "PREFECT_API_URL": api,
+        "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "2",
+        "COLUMNS": "250",
+    }
     env.pop("MLFLOW_TRACKING_URI", None)
-    cfg = tiny_config(str(tmp_path / "work"), tiny_gpt2_dir, name="sched", retrain={"cron": "15 4 * * 1-5",
-                                                                                    "timezone": "America/New_York"})
+    cfg = tiny_config(
+        str(tmp_path / "work"),
+        tiny_gpt2_dir,
+        name="sched",
+        retrain={"cron": "15 4 * * 1-5", "timezone": "America/New_York"},
+    )
     path = tmp_path / "sched.yaml"
     path.write_text(yaml.safe_dump(cfg.model_dump(mode="json", exclude_unset=True)))
     procs = []
     try:
         server_log = open(tmp_path / "server.log", "w")
-        procs.append(subprocess.Popen([os.path.join(BIN, "prefect"), "server", "start", "--port", str(port)],
-                                      env=env, stdout=server_log, stderr=subprocess.STDOUT))
+        procs.append(
+            subprocess.Popen(
+                [os.path.join(BIN, "prefect"), "server", "start", "--port", str(port)],
+                env=env,
+                stdout=server_log,
+                stderr=subprocess.STDOUT,
+            )
+        )
         for _ in range(180):
             try:
                 if httpx.get(api + "/health", timeout=2).status_code == 200:
@@ -221,12 +259,23 @@ def test_nightly_schedule_creates_runs_on_a_real_prefect_server_start(tiny_gpt2_
                 pass
             time.sleep(1)
         serve_log = open(tmp_path / "serve.log", "w")
-        procs.append(subprocess.Popen([os.path.join(BIN, "saeflow"), "serve", str(path)], env=env, cwd=tmp_path,
-                                      stdout=serve_log, stderr=subprocess.STDOUT))
+        procs.append(
+            subprocess.Popen(
+                [os.path.join(BIN, "saeflow"), "serve", str(path)],
+                env=env,
+                cwd=tmp_path,
+                stdout=serve_log,
+                stderr=subprocess.STDOUT,
+            )
+        )
         runs = []
         for _ in range(180):
-            body = {"deployments": {"name": {"any_": ["nightly"]}}, "flow_runs": {"state": {"type": {
-                "any_": ["SCHEDULED"]}}}, "sort": "EXPECTED_START_TIME_ASC", "limit": 5}
+            body = {
+                "deployments": {"name": {"any_": ["nightly"]}},
+                "flow_runs": {"state": {"type": {"any_": ["SCHEDULED"]}}},
+                "sort": "EXPECTED_START_TIME_ASC",
+                "limit": 5,
+            }
             r = httpx.post(api + "/flow_runs/filter", json=body, timeout=10)
             runs = r.json() if r.status_code == 200 else []
             if runs:

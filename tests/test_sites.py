@@ -21,15 +21,24 @@ from transformers import (
 
 from saeflow.sae.lm.sites import SiteError, capture_sites, parse_site, run_to_sites, site_module, splice_site
 
-SMALL = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64, vocab_size=100)
+SMALL = {
+    "hidden_size": 32,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 4,
+    "intermediate_size": 64,
+    "vocab_size": 100,
+}
 
 
 def families():
     yield "gpt2", GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=3, n_head=4, vocab_size=100, n_positions=32)), "mlp"
     yield "neox", GPTNeoXForCausalLM(GPTNeoXConfig(**SMALL, max_position_embeddings=32)), "mlp"
     yield "llama", LlamaForCausalLM(LlamaConfig(**SMALL, num_key_value_heads=2, max_position_embeddings=32)), "mlp"
-    yield "gemma", GemmaForCausalLM(GemmaConfig(**SMALL, num_key_value_heads=2, head_dim=8,
-                                                 max_position_embeddings=32)), "mlp"
+    yield (
+        "gemma",
+        GemmaForCausalLM(GemmaConfig(**SMALL, num_key_value_heads=2, head_dim=8, max_position_embeddings=32)),
+        "mlp",
+    )
     yield "bert", BertModel(BertConfig(**SMALL, max_position_embeddings=32)), "output.dense"
 
 
@@ -63,10 +72,13 @@ def test_run_to_sites_stops_after_the_deepest_site():
 def test_splice_replaces_every_position_but_bos():
     model = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=3, n_head=4, vocab_size=100, n_positions=32)).eval()
     ids = torch.randint(0, 100, (2, 10))
-    with torch.no_grad(), splice_site(model, "resid_post.0", lambda h: torch.zeros_like(h)):
-        with capture_sites(model, ["resid_post.0"], stop_early=False) as cap:
-            model(input_ids=ids)
-    # The capture hook was registered after the splice hook, so it sees the spliced activation.
+    # The capture hook is registered after the splice hook (entered second), so it sees the spliced activation.
+    with (
+        torch.no_grad(),
+        splice_site(model, "resid_post.0", lambda h: torch.zeros_like(h)),
+        capture_sites(model, ["resid_post.0"], stop_early=False) as cap,
+    ):
+        model(input_ids=ids)
     assert cap["resid_post.0"][:, 1:].abs().max() == 0
     assert cap["resid_post.0"][:, 0].abs().max() > 0
 

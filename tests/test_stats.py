@@ -65,12 +65,14 @@ def test_unit_mean_square_scale_and_training_batches_skip_outliers(store):
 def test_stats_on_an_existing_scheduler_match_the_local_cluster(store):
     from distributed import LocalCluster
 
-    ref, x, _ = store
+    ref, _x, _ = store
     with dask_client(n_workers=1):
         local = compute_site_stats(ref, "s")
-    with LocalCluster(n_workers=1, threads_per_worker=1, dashboard_address=":0") as cluster:
-        with dask_client(address=cluster.scheduler_address) as client:
-            assert client.scheduler.address == cluster.scheduler_address
-            remote = compute_site_stats(ref, "s")
+    with (
+        LocalCluster(n_workers=1, threads_per_worker=1, dashboard_address=":0") as cluster,
+        dask_client(address=cluster.scheduler_address) as client,
+    ):
+        assert client.scheduler.address == cluster.scheduler_address
+        remote = compute_site_stats(ref, "s")
     assert remote["content_hash"] == local["content_hash"]
     assert remote["scale"] == local["scale"] and remote["mean"] == local["mean"]

@@ -15,22 +15,40 @@ import yaml
 from mlflow import MlflowClient
 from typer.testing import CliRunner
 
-from saeflow.sae.evaluation.frontier import comparison_table, l0_needed, pareto_frontier, table_markdown
-from saeflow.sae.evaluation.plots import frontier
 from saeflow.cli import app
 from saeflow.config import ConfigError, validate_config
-
+from saeflow.sae.evaluation.frontier import comparison_table, l0_needed, pareto_frontier, table_markdown
+from saeflow.sae.evaluation.plots import frontier
 from tests.conftest import tiny_config
 
 # ----- grid expansion ---------------------------------------------------------------------------------------------
 
 
 def test_sweep_expands_to_one_named_spec_per_grid_point():
-    cfg = validate_config({"sweep": {"expansion_factor": 4, "lr": 2e-3, "architectures": {
-        "topk": {"k": [8, 16, 32]}, "relu": {"l1_coefficient": [1, 3], "lr": [1e-3, 2e-3]}, "topafa": None}}})
+    cfg = validate_config(
+        {
+            "sweep": {
+                "expansion_factor": 4,
+                "lr": 2e-3,
+                "architectures": {
+                    "topk": {"k": [8, 16, 32]},
+                    "relu": {"l1_coefficient": [1, 3], "lr": [1e-3, 2e-3]},
+                    "topafa": None,
+                },
+            }
+        }
+    )
     labels = [s.label() for s in cfg.saes]
-    assert labels == ["topk-x4-k8", "topk-x4-k16", "topk-x4-k32", "relu-x4-l1_1-lr_0.001", "relu-x4-l1_1-lr_0.002",
-                      "relu-x4-l1_3-lr_0.001", "relu-x4-l1_3-lr_0.002", "topafa-x4-afa0.03125"]
+    assert labels == [
+        "topk-x4-k8",
+        "topk-x4-k16",
+        "topk-x4-k32",
+        "relu-x4-l1_1-lr_0.001",
+        "relu-x4-l1_1-lr_0.002",
+        "relu-x4-l1_3-lr_0.001",
+        "relu-x4-l1_3-lr_0.002",
+        "topafa-x4-afa0.03125",
+    ]
     assert all(s.expansion_factor == 4 for s in cfg.saes)
     assert [s.lr for s in cfg.saes[:3]] == [2e-3] * 3  # the shared lr, unless the entry sets its own
     assert cfg.sweep.baseline_architecture() == "relu"
@@ -47,12 +65,15 @@ def test_a_sweep_config_survives_a_dump_and_reload():
     assert [s.label() for s in again.saes] == ["topk-x8-k8", "topk-x8-k16"]
 
 
-@pytest.mark.parametrize("sweep, fragment", [
-    ({"architectures": {"resnet": {}}}, "unknown architecture 'resnet'"),
-    ({"architectures": {"topk": {"k": [0, 8]}}}, "architectures.topk.k"),
-    ({"architectures": {"topk": {"k": []}}}, "give at least one value"),
-    ({"architectures": {"topk": {}}, "baseline": "relu"}, "baseline 'relu'"),
-])
+@pytest.mark.parametrize(
+    "sweep, fragment",
+    [
+        ({"architectures": {"resnet": {}}}, "unknown architecture 'resnet'"),
+        ({"architectures": {"topk": {"k": [0, 8]}}}, "architectures.topk.k"),
+        ({"architectures": {"topk": {"k": []}}}, "give at least one value"),
+        ({"architectures": {"topk": {}}, "baseline": "relu"}, "baseline 'relu'"),
+    ],
+)
 def test_bad_sweeps_fail_with_one_line(sweep, fragment):
     with pytest.raises(ConfigError, match=re.escape(fragment)):
         validate_config({"sweep": sweep})
@@ -95,8 +116,10 @@ def test_needed_l0_marks_bounds_and_unreached_levels():
 
 
 def test_comparison_table_gives_ratio_to_the_baseline():
-    pts = [{"site": "s", "architecture": a, "l0": l0, "fvu": f}
-           for a, l0, f in (("relu", 10.0, 0.5), ("relu", 40.0, 0.1), ("gated", 5.0, 0.5), ("gated", 20.0, 0.1))]
+    pts = [
+        {"site": "s", "architecture": a, "l0": l0, "fvu": f}
+        for a, l0, f in (("relu", 10.0, 0.5), ("relu", 40.0, 0.1), ("gated", 5.0, 0.5), ("gated", 20.0, 0.1))
+    ]
     rows = {(r.architecture, r.level): r for r in comparison_table(pts, {"fvu": [0.3, 0.05]}, "relu")}
     assert rows[("relu", 0.3)].l0_needed == pytest.approx(20) and rows[("gated", 0.3)].l0_needed == pytest.approx(10)
     assert rows[("gated", 0.3)].ratio_to_baseline == pytest.approx(0.5)
@@ -111,9 +134,11 @@ def test_comparison_table_skips_metrics_no_point_has():
 
 
 def test_frontier_plot_draws_one_line_per_architecture_per_site():
-    pts = [{"site": site, "architecture": a, "l0": l0, "fvu": f} for site in ("a", "b")
-           for a, l0, f in (("relu", 10, 0.5), ("relu", 20, 0.6), ("relu", 40, 0.1),
-                            ("topk", 8, 0.4), ("topk", 16, 0.2))]
+    pts = [
+        {"site": site, "architecture": a, "l0": l0, "fvu": f}
+        for site in ("a", "b")
+        for a, l0, f in (("relu", 10, 0.5), ("relu", 20, 0.6), ("relu", 40, 0.1), ("topk", 8, 0.4), ("topk", 16, 0.2))
+    ]
     fig = frontier(pts, "l0", "fvu", "t")
     for ax in fig.axes:
         lines = ax.get_lines()
@@ -131,12 +156,21 @@ CE_LEVELS = [0.0, 0.2, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95]
 @pytest.fixture(scope="module")
 def sweep_run(prefect_server, tiny_gpt2_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("sweep")
-    cfg = tiny_config(str(root / "work"), tiny_gpt2_dir, extract={"sites": ["resid_post.1"]},
-                      tokens={"train_tokens": 4096, "eval_tokens": 256},
-                      train={"batch_size": 256, "log_every": 4})
+    cfg = tiny_config(
+        str(root / "work"),
+        tiny_gpt2_dir,
+        extract={"sites": ["resid_post.1"]},
+        tokens={"train_tokens": 4096, "eval_tokens": 256},
+        train={"batch_size": 256, "log_every": 4},
+    )
     data = cfg.model_dump(mode="json", exclude={"saes"})
-    data["sweep"] = {"expansion_factor": 4, "lr": 3e-3, "fvu_levels": FVU_LEVELS, "ce_recovered_levels": CE_LEVELS,
-                     "architectures": {"topk": {"k": [4, 16]}, "relu": {"l1_coefficient": [0.3, 3.0]}}}
+    data["sweep"] = {
+        "expansion_factor": 4,
+        "lr": 3e-3,
+        "fvu_levels": FVU_LEVELS,
+        "ce_recovered_levels": CE_LEVELS,
+        "architectures": {"topk": {"k": [4, 16]}, "relu": {"l1_coefficient": [0.3, 3.0]}},
+    }
     path = root / "sweep.yaml"
     path.write_text(yaml.safe_dump(data))
     result = CliRunner().invoke(app, ["sweep", str(path)])
@@ -168,8 +202,7 @@ def test_sweep_trains_and_evaluates_every_grid_point(sweep_run):
     cfg, run_id, _ = sweep_run
     client = MlflowClient(cfg.tracking_uri)
     assert client.get_run(run_id).info.status == "FINISHED"
-    children = client.search_runs([client.get_run(run_id).info.experiment_id],
-                                  f"tags.mlflow.parentRunId = '{run_id}'")
+    children = client.search_runs([client.get_run(run_id).info.experiment_id], f"tags.mlflow.parentRunId = '{run_id}'")
     assert sorted(c.info.run_name for c in children) == sorted(f"resid_post.1/{s.label()}" for s in cfg.saes)
     assert len(children) == 4 and all("eval/ce_loss_recovered" in c.data.metrics for c in children)
     for c in children:  # every swept SAE also gets its latent report

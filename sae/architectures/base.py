@@ -5,7 +5,7 @@ Notation follows ../shared/SPEC.md §1: x is a normalized activation row, f the 
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal, NamedTuple
+from typing import ClassVar, Literal, NamedTuple
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -78,7 +78,10 @@ class SAE(nn.Module):
     """Base class: holds W_enc, b_enc, W_dec, b_dec and the input scale; subclasses define the activation and loss."""
 
     config_class: ClassVar[type[SAEConfig]] = SAEConfig
-    unit_norm_decoder: ClassVar[bool] = False
+    unit_norm_decoder: bool = False
+    """Decoder rows kept at unit norm (parallel gradients removed, rows renormalised after each step). A class
+    default that an architecture may override per instance from its config (relu's `l1_form`, gated, jumprelu)."""
+    input_scale: Tensor  # buffer: multiplies raw activations into the SAE's training units
 
     def __init__(self, cfg: SAEConfig, d_in: int):
         super().__init__()
@@ -146,4 +149,4 @@ class SAE(nn.Module):
     @torch.no_grad()
     def normalize_decoder(self) -> None:
         if self.unit_norm_decoder:
-            self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
+            self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))

@@ -9,8 +9,8 @@ from pydantic import Field
 from torch import Tensor
 
 from saeflow.sae.architectures.base import SAEOutput, TrainState
-from saeflow.sae.architectures.registry import register
 from saeflow.sae.architectures.losses import auxk_loss, reconstruction_loss
+from saeflow.sae.architectures.registry import register
 from saeflow.sae.architectures.topk import TopKConfig, TopKSAE
 
 
@@ -35,6 +35,9 @@ class BatchTopKSAE(TopKSAE):
 
     config_class = BatchTopKConfig
     cfg: BatchTopKConfig
+
+    threshold: Tensor
+    threshold_updates: Tensor
 
     def __init__(self, cfg: BatchTopKConfig, d_in: int):
         super().__init__(cfg, d_in)

@@ -15,8 +15,8 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from saeflow.sae.architectures.base import SAE, SAEConfig, SAEOutput, TrainState
-from saeflow.sae.architectures.registry import register
 from saeflow.sae.architectures.losses import reconstruction_loss, warmup
+from saeflow.sae.architectures.registry import register
 
 
 def _rectangle(pre: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:

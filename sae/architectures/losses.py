@@ -18,9 +18,7 @@ def warmup(progress: float, fraction: float) -> float:
     return 1.0 if fraction <= 0 else min(1.0, progress / fraction)
 
 
-def auxk_loss(
-    residual: Tensor, pre_acts: Tensor, W_dec: Tensor, dead_mask: Tensor | None, k_aux: int
-) -> Tensor:
+def auxk_loss(residual: Tensor, pre_acts: Tensor, W_dec: Tensor, dead_mask: Tensor | None, k_aux: int) -> Tensor:
     """AuxK (SPEC 2.4): reconstruct the stop-gradient residual e from the top-k_aux dead latents.
 
     L_aux = ‖e − ê‖² / ‖e − mean(e)‖², scaled by min(#dead / k_aux, 1); zero when nothing is dead.

@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import functools
+import itertools
+import operator
 from typing import Literal
 
 from pydantic import Field, field_validator
 from torch import Tensor
 
 from saeflow.sae.architectures.base import SAEOutput, TrainState
-from saeflow.sae.architectures.registry import register
 from saeflow.sae.architectures.batchtopk import BatchTopKConfig, BatchTopKSAE, batch_topk
 from saeflow.sae.architectures.losses import auxk_loss, reconstruction_loss
+from saeflow.sae.architectures.registry import register
 
 
 def _strictly_increasing(v: list) -> bool:
-    return all(a < b for a, b in zip(v, v[1:]))
+    return all(a < b for a, b in itertools.pairwise(v))
 
 
 class MatryoshkaConfig(BatchTopKConfig):
@@ -67,14 +70,16 @@ class MatryoshkaSAE(BatchTopKSAE):
         f = batch_topk(pre, self.cfg.k)
         # x̂_{≤m_j} = x̂_{≤m_{j−1}} + f_(m_{j−1}, m_j] W_dec,(m_{j−1}, m_j]: each block of rows is multiplied once,
         # so all prefix reconstructions together cost one dense decode.
-        x_hat, start, recs = self.b_dec, 0, []
+        x_hat: Tensor = self.b_dec
+        start, recs = 0, []
         for m in self.prefixes:
             x_hat = x_hat + f[:, start:m] @ self.W_dec[start:m]
             recs.append(reconstruction_loss(x, x_hat))
             start = m
         # SPEC 2.7 sums. Under Adam a constant factor on the whole loss nearly cancels; what the choice really
         # sets is AuxK's weight relative to reconstruction (α against #prefixes × L_rec for `sum`).
-        nested = sum(recs) if self.cfg.prefix_loss == "sum" else sum(recs) / len(recs)
+        total = functools.reduce(operator.add, recs)
+        nested = total if self.cfg.prefix_loss == "sum" else total / len(recs)
         aux = auxk_loss(x - x_hat, pre, self.W_dec, state.dead_mask, self.k_aux())
         self.update_threshold(f)
         loss = nested + self.cfg.aux_coefficient * aux

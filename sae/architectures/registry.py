@@ -16,8 +16,10 @@ def register(name: str):
         have = ARCHITECTURES.get(name)
         # The same class defined again (a module re-imported, e.g. from an MLflow model's code path) is no clash.
         if have is not None and (have.__module__, have.__qualname__) != (cls.__module__, cls.__qualname__):
-            raise ValueError(f"SAE architecture {name!r} is already registered by {have.__module__}."
-                             f"{have.__qualname__}: choose another name for {cls.__module__}.{cls.__qualname__}")
+            raise ValueError(
+                f"SAE architecture {name!r} is already registered by {have.__module__}."
+                f"{have.__qualname__}: choose another name for {cls.__module__}.{cls.__qualname__}"
+            )
         ARCHITECTURES[name] = cls
         return cls
 

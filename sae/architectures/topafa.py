@@ -9,8 +9,8 @@ from pydantic import Field
 from torch import Tensor
 
 from saeflow.sae.architectures.base import SAE, SAEConfig, SAEOutput, TrainState
-from saeflow.sae.architectures.registry import register
 from saeflow.sae.architectures.losses import auxk_loss, reconstruction_loss, warmup
+from saeflow.sae.architectures.registry import register
 
 
 class TopAFAConfig(SAEConfig):

@@ -9,9 +9,9 @@ from pydantic import Field
 from torch import Tensor
 
 from saeflow.sae.architectures.base import SAE, SAEConfig, SAEOutput, TrainState
-from saeflow.sae.architectures.registry import register
 from saeflow.sae.architectures.kernels import DecodeImpl, decode_topk
 from saeflow.sae.architectures.losses import auxk_loss, reconstruction_loss
+from saeflow.sae.architectures.registry import register
 
 
 class TopKConfig(SAEConfig):

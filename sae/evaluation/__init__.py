@@ -1,1 +1,2 @@
-"""Evaluation: metrics, held-out evaluation with splicing, AFA, frontiers and plots, the promotion rule, synthetic ground truth."""
+"""Evaluation: metrics, held-out evaluation with splicing, AFA, frontiers and plots, the promotion rule, and
+synthetic ground truth."""

@@ -8,15 +8,16 @@ SAE's reconstruction.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import functools
+from collections.abc import Callable, Iterable
 from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from saeflow.sae.evaluation.afa import AFAAccumulator, decoder_geometry
 from saeflow.sae.architectures.base import SAE
+from saeflow.sae.evaluation.afa import AFAAccumulator, decoder_geometry
 from saeflow.sae.evaluation.metrics import (
     ReconstructionMetrics,
     ce_loss_recovered,
@@ -52,13 +53,26 @@ class SAEEvaluation(NamedTuple):
 def eval_set_mean(model: nn.Module, token_batches: Iterable[Tensor], site: str) -> Tensor:
     """Mean raw activation of `site` over positions 1..T-1 of every eval window (SPEC 5's mean ablation), float32."""
     device = next(model.parameters()).device
-    total, n = None, 0
+    total: Tensor | None = None
+    n = 0
     for ids in token_batches:
         x = run_to_sites(model, ids.to(device), [site])[site][:, 1:]
         s = x.double().sum((0, 1))
         total = s if total is None else total + s
         n += x.shape[0] * x.shape[1]
+    if total is None:
+        raise ValueError(f"no eval windows to take the mean activation of {site!r} over")
     return (total / max(n, 1)).float()
+
+
+def _expand(mean: Tensor, h: Tensor) -> Tensor:
+    """Mean ablation: the eval-set mean activation at every position."""
+    return mean.expand_as(h)
+
+
+def _reconstruct(sae: SAE, h: Tensor) -> Tensor:
+    """What a spliced SAE puts in place of the site's activation: its reconstruction, in raw units."""
+    return sae.reconstruct_raw(h.float())
 
 
 def _hidden_states(out) -> Tensor:
@@ -94,8 +108,8 @@ def evaluate_saes(
         mean_activation = eval_set_mean(model, batches, site)
     rec = {k: ReconstructionMetrics(s.d_sae, float(s.input_scale)) for k, s in saes.items()}
     afas = {k: AFAAccumulator(s, afa_points) for k, s in saes.items()} if afa else {}
-    down = {"clean": 0.0, "zero": 0.0, "mean": 0.0, **{k: 0.0 for k in saes}}
-    kl = {k: 0.0 for k in saes}
+    down = {"clean": 0.0, "zero": 0.0, "mean": 0.0, **dict.fromkeys(saes, 0.0)}
+    kl = dict.fromkeys(saes, 0.0)
     n_down = 0  # predicted tokens (LMs) or pooled windows (encoders)
     excluded = 0
     for ids in tqdm(batches, desc=f"eval {site}", disable=not progress):
@@ -119,11 +133,14 @@ def evaluate_saes(
                 afas[k].update(x_raw[keep], f)
         if not downstream:
             continue
-        ablations = {"zero": lambda h: torch.zeros_like(h)}
+        ablations: dict[str, Callable[[Tensor], Tensor]] = {"zero": lambda h: torch.zeros_like(h)}
         if has_lm_head and mean_activation is not None:
             mean = mean_activation.to(device)
-            ablations["mean"] = lambda h: mean.expand_as(h)
-        spliced_fns = {**ablations, **{k: (lambda h, s=s: s.reconstruct_raw(h.float())) for k, s in saes.items()}}
+            ablations["mean"] = functools.partial(_expand, mean)
+        spliced_fns: dict[str, Callable[[Tensor], Tensor]] = {
+            **ablations,
+            **{k: functools.partial(_reconstruct, s) for k, s in saes.items()},
+        }
         if has_lm_head:
             s_, n = next_token_ce_sum(clean, ids)
             down["clean"] += s_
@@ -155,12 +172,16 @@ def evaluate_saes(
             )
             if mean_activation is not None:
                 mean_ce = down["mean"] / n_down
-                m.update(ce_loss_mean_ablation=mean_ce,
-                         ce_loss_recovered_mean=ce_loss_recovered(clean_ce, spliced, mean_ce))
+                m.update(
+                    ce_loss_mean_ablation=mean_ce, ce_loss_recovered_mean=ce_loss_recovered(clean_ce, spliced, mean_ce)
+                )
         elif downstream and n_down:
             cos_sae, cos_zero = down[k] / n_down, down["zero"] / n_down
-            m.update(pooled_cos_spliced=cos_sae, pooled_cos_zero_ablation=cos_zero,
-                     pooled_cos_recovered=cosine_recovered(cos_sae, cos_zero))
+            m.update(
+                pooled_cos_spliced=cos_sae,
+                pooled_cos_zero_ablation=cos_zero,
+                pooled_cos_recovered=cosine_recovered(cos_sae, cos_zero),
+            )
         if afa:
             m.update(afas[k].result())
             m.update(decoder_geometry(s.W_dec))
@@ -179,6 +200,16 @@ def evaluate_site(
     progress: bool = True,
 ) -> dict[str, dict[str, float]]:
     """Scalar metrics only, {sae label: metrics}: `evaluate_saes` with CE (LMs only) and without AFA."""
-    out = evaluate_saes(model, token_batches, site, saes, has_lm_head, downstream=has_lm_head,
-                        mean_activation=mean_activation, outlier_norm=outlier_norm, afa=False, progress=progress)
+    out = evaluate_saes(
+        model,
+        token_batches,
+        site,
+        saes,
+        has_lm_head,
+        downstream=has_lm_head,
+        mean_activation=mean_activation,
+        outlier_norm=outlier_norm,
+        afa=False,
+        progress=progress,
+    )
     return {k: v.metrics for k, v in out.items()}

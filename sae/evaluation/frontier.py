@@ -14,8 +14,14 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
-HIGHER_IS_BETTER = {"fvu": False, "mse": False, "kl_div": False, "ce_loss_recovered": True,
-                    "ce_loss_recovered_mean": True, "explained_variance": True}
+HIGHER_IS_BETTER = {
+    "fvu": False,
+    "mse": False,
+    "kl_div": False,
+    "ce_loss_recovered": True,
+    "ce_loss_recovered_mean": True,
+    "explained_variance": True,
+}
 """Direction of each fidelity metric a frontier can be drawn for."""
 
 
@@ -28,8 +34,11 @@ def higher_is_better(metric: str) -> bool:
 def sweep_points(results: dict[str, dict[str, dict[str, float]]], architectures: dict[str, str]) -> list[dict]:
     """Flatten `{site: {label: metrics}}` (what evaluation returns) into sweep points; `architectures` maps
     label → architecture."""
-    return [{"site": site, "label": label, "architecture": architectures[label], **metrics}
-            for site, per_sae in results.items() for label, metrics in per_sae.items()]
+    return [
+        {"site": site, "label": label, "architecture": architectures[label], **metrics}
+        for site, per_sae in results.items()
+        for label, metrics in per_sae.items()
+    ]
 
 
 def pareto_frontier(points: list[tuple[float, float]], higher_better: bool) -> list[tuple[float, float]]:
@@ -86,9 +95,7 @@ class ComparisonRow:
     """l0_needed / the baseline architecture's at the same site and level; None when either is missing."""
 
 
-def comparison_table(
-    points: list[dict], levels: dict[str, list[float]], baseline: str = "relu"
-) -> list[ComparisonRow]:
+def comparison_table(points: list[dict], levels: dict[str, list[float]], baseline: str = "relu") -> list[ComparisonRow]:
     """L0 needed per site × architecture × (metric, level), and its ratio to `baseline`'s. Metrics no point
     carries (CE recovered without an LM head) are left out."""
     rows: list[ComparisonRow] = []
@@ -96,9 +103,17 @@ def comparison_table(
         archs = sorted({p["architecture"] for p in points if p["site"] == site})
         for metric, metric_levels in levels.items():
             hb = higher_is_better(metric)
-            fronts = {a: pareto_frontier([(p["l0"], p[metric]) for p in points
-                                          if p["site"] == site and p["architecture"] == a and metric in p], hb)
-                      for a in archs}
+            fronts = {
+                a: pareto_frontier(
+                    [
+                        (p["l0"], p[metric])
+                        for p in points
+                        if p["site"] == site and p["architecture"] == a and metric in p
+                    ],
+                    hb,
+                )
+                for a in archs
+            }
             if not any(fronts.values()):
                 continue
             for level in metric_levels:
@@ -138,16 +153,22 @@ def _cell(r: ComparisonRow, baseline: str) -> str:
 def table_markdown(rows: list[ComparisonRow], baseline: str = "relu") -> str:
     """Per site, one row per architecture and one column per level: the L0 needed and, in brackets, its ratio to
     the baseline's. `≤` marks an upper bound, n/a a level the architecture never reached."""
-    legend = (f"L0 needed to reach each fidelity level (log-L0 interpolation along each architecture's Pareto "
-              f"frontier); (×r) = ratio to {baseline}; ≤ = reached already at the lowest L0 swept; "
-              "n/a = not reached.")
+    legend = (
+        f"L0 needed to reach each fidelity level (log-L0 interpolation along each architecture's Pareto "
+        f"frontier); (×r) = ratio to {baseline}; ≤ = reached already at the lowest L0 swept; "
+        "n/a = not reached."
+    )
     out = [legend, ""]
     for site in sorted({r.site for r in rows}):
         cols = list(dict.fromkeys((r.metric, r.level) for r in rows if r.site == site))
         archs = list(dict.fromkeys(r.architecture for r in rows if r.site == site))
         cell = {(r.architecture, r.metric, r.level): r for r in rows if r.site == site}
-        out += [f"### {site}", "", "| architecture | " + " | ".join(_level_header(*c) for c in cols) + " |",
-                "| --- |" + " ---: |" * len(cols)]
+        out += [
+            f"### {site}",
+            "",
+            "| architecture | " + " | ".join(_level_header(*c) for c in cols) + " |",
+            "| --- |" + " ---: |" * len(cols),
+        ]
         for a in archs:
             out.append(f"| {a} | " + " | ".join(_cell(cell[(a, *c)], baseline) for c in cols) + " |")
         out.append("")

@@ -50,8 +50,9 @@ class TopContexts:
             return
         a = f[:, self.ids.to(f.device)].float().cpu().T  # [latents, rows]
         self.fired += (a > 0).sum(1)
-        self.hist += torch.stack([torch.bincount(torch.bucketize(r[r > 0], HIST_EDGES), minlength=len(HIST_EDGES) + 1)
-                                  for r in a])
+        self.hist += torch.stack(
+            [torch.bincount(torch.bucketize(r[r > 0], HIST_EDGES), minlength=len(HIST_EDGES) + 1) for r in a]
+        )
         loc = torch.stack([window_ids, positions], -1).cpu()  # [rows, 2]
         vals = torch.cat([self.values, a], 1)
         locs = torch.cat([self.where, loc.expand(len(a), -1, -1)], 1)
@@ -93,14 +94,20 @@ def collect_top_contexts(
 
 def windows_needed(acc: TopContexts) -> list[int]:
     """Window indices the report will show: read just these, not the whole eval split."""
-    return sorted({int(w) for w, v in zip(acc.where[..., 0].flatten().tolist(), acc.values.flatten().tolist())
-                   if w >= 0 and v > 0})
+    return sorted(
+        {
+            int(w)
+            for w, v in zip(acc.where[..., 0].flatten().tolist(), acc.values.flatten().tolist())
+            if w >= 0 and v > 0
+        }
+    )
 
 
 def _svg_hist(counts: Tensor) -> str:
     top = max(int(counts.max()), 1)
     bars = "".join(
-        f'<rect x="{i * 6}" y="{40 - 40 * int(c) / top:.1f}" width="5" height="{40 * int(c) / top:.1f}" fill="#4a7bd0"/>'
+        f'<rect x="{i * 6}" y="{40 - 40 * int(c) / top:.1f}" width="5" height="{40 * int(c) / top:.1f}" '
+        'fill="#4a7bd0"/>'
         for i, c in enumerate(counts)
     )
     return f'<svg width="{6 * len(counts)}" height="40" role="img" aria-label="activation histogram">{bars}</svg>'
@@ -122,8 +129,10 @@ def render_html(acc: TopContexts, token_windows, tokenizer, title: str, left: in
     ]
     for i, lat in enumerate(acc.ids.tolist()):
         freq = int(acc.fired[i]) / max(acc.rows, 1)
-        parts.append(f"<div class='lat' id='latent-{lat}'><h3>latent {lat}</h3>"
-                     f"<p>firing frequency {freq:.3g} ({int(acc.fired[i])} tokens) {_svg_hist(acc.hist[i])}</p>")
+        parts.append(
+            f"<div class='lat' id='latent-{lat}'><h3>latent {lat}</h3>"
+            f"<p>firing frequency {freq:.3g} ({int(acc.fired[i])} tokens) {_svg_hist(acc.hist[i])}</p>"
+        )
         for v, (w, p) in zip(acc.values[i].tolist(), acc.where[i].tolist()):
             if v <= 0 or w < 0:
                 continue
@@ -132,7 +141,9 @@ def render_html(acc: TopContexts, token_windows, tokenizer, title: str, left: in
             before = html.escape(tokenizer.decode(toks[lo:p]))
             hit = html.escape(tokenizer.decode(toks[p : p + 1]))
             after = html.escape(tokenizer.decode(toks[p + 1 : hi]))
-            parts.append(f"<div class='ctx'><span class='v'>{v:.3f}</span>{before}<span class='hit'>{hit}</span>{after}</div>")
+            parts.append(
+                f"<div class='ctx'><span class='v'>{v:.3f}</span>{before}<span class='hit'>{hit}</span>{after}</div>"
+            )
         parts.append("</div>")
     parts.append("</body></html>")
     return "".join(parts)

@@ -62,6 +62,8 @@ class ReconstructionMetrics:
 
     def result(self) -> dict[str, float]:
         n = max(self.n, 1)
+        if self.sum_x is None:  # nothing seen: every ratio is undefined
+            return {}
         mean = self.sum_x / n
         total_var = self.sum_sq_x - n * float(mean.pow(2).sum())  # Σ‖x − x̄‖²
         fvu = self.sq_err / total_var if total_var > 0 else float("nan")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 
 def training_curves(history: list[dict[str, float]], title: str):
@@ -76,20 +76,26 @@ def decoder_cosine_histogram(cosines, title: str):
     ax.set_yscale("log")
     ax.set_xlabel("|cos| between decoder rows")
     ax.set_ylabel("pairs")
-    ax.set_title(f"{title}\n{len(cos):,} pairs, max {cos.max(initial=0):.3f}, mean {cos.mean() if len(cos) else 0:.3f}",
-                 fontsize=9)
+    ax.set_title(
+        f"{title}\n{len(cos):,} pairs, max {cos.max(initial=0):.3f}, mean {cos.mean() if len(cos) else 0:.3f}",
+        fontsize=9,
+    )
     ax.grid(alpha=0.3)
     fig.tight_layout()
     return fig
 
 
-_FRONTIER_LABELS = {"l0": "L0 (active latents per token)", "fvu": "FVU (fraction of variance unexplained)",
-                    "ce_loss_recovered": "CE loss recovered (zero ablation)"}
+_FRONTIER_LABELS = {
+    "l0": "L0 (active latents per token)",
+    "fvu": "FVU (fraction of variance unexplained)",
+    "ce_loss_recovered": "CE loss recovered (zero ablation)",
+}
 
 
 def frontier(rows: list[dict], x: str, y: str, title: str):
     """Seed 1's Figure 1: one panel per site, `y` against `x` (log) per architecture. Each architecture's Pareto
-    frontier (`saeflow.sae.evaluation.frontier.pareto_frontier`) is its one line; its dominated points are unconnected markers."""
+    frontier (`saeflow.sae.evaluation.frontier.pareto_frontier`) is its one line; its dominated points are
+    unconnected markers."""
     from saeflow.sae.evaluation.frontier import higher_is_better, pareto_frontier
 
     sites = sorted({r["site"] for r in rows})
@@ -97,8 +103,11 @@ def frontier(rows: list[dict], x: str, y: str, title: str):
     fig, axes = plt.subplots(1, len(sites), figsize=(5 * len(sites), 3.8), squeeze=False)
     for ax, site in zip(axes[0], sites):
         for arch in sorted({r["architecture"] for r in rows if r["site"] == site}):
-            pts = [(r[x], r[y]) for r in rows if r["site"] == site and r["architecture"] == arch
-                   and r.get(x) is not None and r.get(y) is not None]
+            pts = [
+                (r[x], r[y])
+                for r in rows
+                if r["site"] == site and r["architecture"] == arch and r.get(x) is not None and r.get(y) is not None
+            ]
             if not pts:
                 continue
             front = pareto_frontier(pts, higher_is_better(y))
@@ -106,8 +115,9 @@ def frontier(rows: list[dict], x: str, y: str, title: str):
             ax.plot([p[0] for p in front], [p[1] for p in front], marker="o", lw=1.4, color=color, label=arch)
             rest = [p for p in pts if p not in front]
             if rest:
-                ax.scatter([p[0] for p in rest], [p[1] for p in rest], s=18, marker="o", facecolors="none",
-                           edgecolors=color)
+                ax.scatter(
+                    [p[0] for p in rest], [p[1] for p in rest], s=18, marker="o", facecolors="none", edgecolors=color
+                )
         ax.set_xscale("log")
         ax.set_xlabel(_FRONTIER_LABELS.get(x, x))
         ax.set_ylabel(_FRONTIER_LABELS.get(y, y))

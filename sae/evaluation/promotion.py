@@ -32,31 +32,50 @@ class PromotionDecision:
 
     def tags(self) -> dict[str, str]:
         """The decision as model-version tags (`promotion.*`)."""
-        out = {"promotion.decision": "promoted" if self.promoted else "rejected", "promotion.reason": self.reason,
-               "promotion.metric": self.metric, "promotion.challenger_value": f"{self.challenger_value:.6g}",
-               "promotion.challenger_l0": f"{self.challenger_l0:.6g}"}
+        out = {
+            "promotion.decision": "promoted" if self.promoted else "rejected",
+            "promotion.reason": self.reason,
+            "promotion.metric": self.metric,
+            "promotion.challenger_value": f"{self.challenger_value:.6g}",
+            "promotion.challenger_l0": f"{self.challenger_l0:.6g}",
+        }
         if self.champion_version is not None:
-            out.update({"promotion.champion_version": self.champion_version,
-                        "promotion.champion_value": f"{self.champion_value:.6g}",
-                        "promotion.champion_l0": f"{self.champion_l0:.6g}"})
+            out.update(
+                {
+                    "promotion.champion_version": self.champion_version,
+                    "promotion.champion_value": f"{self.champion_value:.6g}",
+                    "promotion.champion_l0": f"{self.champion_l0:.6g}",
+                }
+            )
         return out
 
 
-def decide(metric: str, challenger: dict[str, float], champion: dict[str, float] | None, champion_version: str | None,
-           margin: float, max_l0_factor: float) -> PromotionDecision:
+def decide(
+    metric: str,
+    challenger: dict[str, float],
+    champion: dict[str, float] | None,
+    champion_version: str | None,
+    margin: float,
+    max_l0_factor: float,
+) -> PromotionDecision:
     """Apply the rule to two metric dicts (each with `metric` and `l0`); no champion means the challenger wins."""
     value, l0 = float(challenger[metric]), float(challenger["l0"])
     if champion is None:
         return PromotionDecision(True, "first version of this model", metric, value, l0)
     best, best_l0 = float(champion[metric]), float(champion["l0"])
     gain = value - best if higher_is_better(metric) else best - value
-    sides = dict(metric=metric, challenger_value=value, challenger_l0=l0, champion_version=champion_version,
-                 champion_value=best, champion_l0=best_l0)
+
+    def decide(promote: bool, reason: str) -> PromotionDecision:
+        return PromotionDecision(promote, reason, metric, value, l0, champion_version, best, best_l0)
+
     if l0 > max_l0_factor * best_l0:
-        return PromotionDecision(False, f"L0 {l0:.4g} exceeds {max_l0_factor:g} x the champion's {best_l0:.4g}",
-                                 **sides)
+        return decide(False, f"L0 {l0:.4g} exceeds {max_l0_factor:g} x the champion's {best_l0:.4g}")
     if gain < margin:
-        return PromotionDecision(False, f"{metric} {value:.4g} vs champion {best:.4g}: gain {gain:+.4g} is below the "
-                                        f"margin {margin:g}", **sides)
-    return PromotionDecision(True, f"{metric} {value:.4g} vs champion {best:.4g} (gain {gain:+.4g} >= {margin:g}) at "
-                                   f"L0 {l0:.4g} <= {max_l0_factor:g} x {best_l0:.4g}", **sides)
+        return decide(
+            False, f"{metric} {value:.4g} vs champion {best:.4g}: gain {gain:+.4g} is below the margin {margin:g}"
+        )
+    return decide(
+        True,
+        f"{metric} {value:.4g} vs champion {best:.4g} (gain {gain:+.4g} >= {margin:g}) at "
+        f"L0 {l0:.4g} <= {max_l0_factor:g} x {best_l0:.4g}",
+    )

@@ -130,7 +130,13 @@ def train_synthetic(truth: SyntheticActivations, specs: list[dict], steps: int, 
     saes = [build_sae(config_from_dict(s), truth.cfg.d) for s in specs]
     cfg = TrainingConfig(batch_size=batch_size, log_every=10_000, seed=seed, dead_tokens=batch_size * 50)
     t0 = time.perf_counter()
-    train_saes(saes, truth.batches(batch_size, steps, seed=seed + 1), cfg, steps * batch_size,
-               b_dec_sample=truth.sample(4096, torch.Generator().manual_seed(seed + 2)), progress=False)
+    train_saes(
+        saes,
+        truth.batches(batch_size, steps, seed=seed + 1),
+        cfg,
+        steps * batch_size,
+        b_dec_sample=truth.sample(4096, torch.Generator().manual_seed(seed + 2)),
+        progress=False,
+    )
     wall = time.perf_counter() - t0
     return [(s, recovery_metrics(m, truth)) for s, m in zip(specs, saes)], wall

@@ -1,1 +1,2 @@
-"""The language-model side: loading HF models, sites (where activations are read), capture and splicing, tokenization."""
+"""The language-model side: loading HF models, sites (where activations are read), capture and splicing,
+tokenization."""

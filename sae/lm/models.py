@@ -72,6 +72,7 @@ def load_model(
             "weights, or a Hub id on a machine that reaches the Hub"
         ) from e
     dev = pick_device(device)
-    model.to(dev).eval()
+    model.to(dev)  # type: ignore[arg-type]  # transformers types .to() for its own dtype/device overloads
+    model.eval()
     model.requires_grad_(False)
     return LoadedModel(model, tokenizer, causal, dev, name_or_path)

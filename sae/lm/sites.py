@@ -12,6 +12,7 @@ import contextlib
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from torch import Tensor, nn
 
@@ -56,7 +57,8 @@ def parse_site(name: str) -> Site:
     return Site(m.group(1), int(m.group(2)))
 
 
-def _get_path(obj: nn.Module, path: str) -> nn.Module | None:
+def _get_path(module: nn.Module, path: str) -> nn.Module | None:
+    obj: Any = module
     for part in path.split("."):
         obj = getattr(obj, part, None)
         if obj is None:
@@ -136,11 +138,8 @@ def capture_sites(model: nn.Module, sites: list[str], stop_early: bool = True) -
 
 def run_to_sites(model: nn.Module, input_ids: Tensor, sites: list[str], **kwargs) -> dict[str, Tensor]:
     """Run the model only as deep as the deepest site and return {site: activation [B, T, d]}."""
-    with capture_sites(model, sites, stop_early=True) as captured:
-        try:
-            model(input_ids=input_ids, **kwargs)
-        except _StopForward:
-            pass
+    with capture_sites(model, sites, stop_early=True) as captured, contextlib.suppress(_StopForward):
+        model(input_ids=input_ids, **kwargs)
     return dict(captured)
 
 
@@ -166,5 +165,5 @@ def splice_site(model: nn.Module, site: str, replace: Callable[[Tensor], Tensor]
 
 def site_width(model: nn.Module, site: str) -> int:
     """d of the site's activation: hidden size for residual sites and for MLP outputs alike."""
-    cfg = model.config
-    return int(getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd"))
+    cfg: Any = model.config
+    return int(getattr(cfg, "hidden_size", None) or cfg.n_embd)

@@ -8,16 +8,15 @@ learning-rate schedule and dead-latent counters. `SAETrainer.state_dict()` is ev
 from __future__ import annotations
 
 import math
-import os
-from collections.abc import Callable, Iterable, Sequence
-from typing import Any, Literal, NamedTuple
+from collections.abc import Callable, Iterable
+from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from saeflow.sae.architectures.base import SAE, SAEConfig, TrainState
+from saeflow.sae.architectures.base import SAE, TrainState
 from saeflow.sae.device import pick_device
 from saeflow.sae.training.memory import check_training_memory, estimate_training_memory
 
@@ -167,8 +166,13 @@ class SAETrainer:
             "dead_tokens": self.dead_tokens,
             "rng": rng,
             "saes": [
-                {"label": sae.cfg.label(), "weights": sae.state_dict(), "optimizer": opt.state_dict(),
-                 "scheduler": sched.state_dict(), "tokens_since_fired": since}
+                {
+                    "label": sae.cfg.label(),
+                    "weights": sae.state_dict(),
+                    "optimizer": opt.state_dict(),
+                    "scheduler": sched.state_dict(),
+                    "tokens_since_fired": since,
+                }
                 for sae, opt, sched, since in zip(self.saes, self.optimizers, self.schedulers, self.tokens_since_fired)
             ],
         }
@@ -195,12 +199,12 @@ class SAETrainer:
     def _metrics(self, x: Tensor, out, i: int) -> dict[str, float]:
         err = (x - out.x_hat.float()).pow(2).sum()
         var = (x - x.mean(0)).pow(2).sum().clamp_min(1e-12)
-        m = {
+        m: dict[str, float] = {
             "loss": float(out.loss),
             "fvu": float(err / var),
             "l0": float((out.f > 0).sum(-1).float().mean()),
             "dead_fraction": float((self.tokens_since_fired[i] >= self.dead_tokens).float().mean()),
-            "lr": self.schedulers[i].get_last_lr()[0],
+            "lr": float(self.schedulers[i].get_last_lr()[0]),
         }
         m.update({k: float(v) for k, v in out.terms.items()})
         return m
@@ -238,8 +242,9 @@ def train_saes(
     elif b_dec_sample is not None:
         trainer.init_b_dec(b_dec_sample)
     every = cfg.checkpoint_every_tokens
-    bar = tqdm(total=total_tokens, initial=trainer.tokens_seen, unit="tok", unit_scale=True, desc="train",
-               disable=not progress)
+    bar = tqdm(
+        total=total_tokens, initial=trainer.tokens_seen, unit="tok", unit_scale=True, desc="train", disable=not progress
+    )
     stream = iter(batches)
     while trainer.tokens_seen < total_tokens:
         x = next(stream, None)
