@@ -4,7 +4,7 @@
     .venv/bin/python benchmarks/synthetic.py --d 128 --features 512 --steps 4000
 
 Activations are sparse non-negative combinations of known unit directions (more features than dimensions,
-power-law firing frequencies, co-firing groups, a mean offset, small noise; see sae/synthetic.py). Each
+power-law firing frequencies, co-firing groups, a mean offset, small noise; see sae/evaluation/synthetic.py). Each
 architecture trains on the same stream; the table reports FVU, L0, dead fraction, MMCS (mean over true features of
 the best cosine with a decoder row), the fraction of true features recovered at cos > 0.9, and shrinkage γ
 (1 = no shrinkage, < 1 = the SAE shrinks). All SAEs of one run share every batch (one data pass).

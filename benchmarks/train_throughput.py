@@ -9,7 +9,7 @@ architecture we print tokens/s next to
     backward), and the implied MFU = 12·d_in·d_sae·tokens/s ÷ the measured matmul rate. A sparse TopK decoder does
     fewer FLOPs than that floor (its decoder costs O(k·d_in)), so its "MFU" is a speed relative to the dense floor
     and may pass 100%;
-(c) TopK with the dense and the sparse decoder (sae/kernels.py), and the speed-up.
+(c) TopK with the dense and the sparse decoder (sae/architectures/kernels.py), and the speed-up.
 
     .venv/bin/python benchmarks/train_throughput.py                      # CPU defaults, ~2 minutes on 2 cores
     .venv/bin/python benchmarks/train_throughput.py --d-in 2304 --d-sae 65536 --batch 4096 --k 64   # a GPU
@@ -123,7 +123,7 @@ def step_for(arch: str, args, device, x, dead, amp, decode_impl: str | None = No
     torch.manual_seed(0)
     sae = make_sae(arch, args, device)
     if decode_impl is not None:
-        sae.decode_impl = decode_impl  # TopKSAE's training decoder switch (sae/kernels.py)
+        sae.decode_impl = decode_impl  # TopKSAE's training decoder switch (sae/architectures/kernels.py)
     return train_step_fn(sae, x, dead, amp)
 
 
@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> None:
     dead = (torch.rand(args.d_sae, generator=g) < args.dead_fraction).to(device)
 
     steps = {arch: step_for(arch, args, device, x, dead, amp) for arch in archs}
-    if "topk" in archs:  # the same TopK twice more, forcing each decoder (sae/kernels.py)
+    if "topk" in archs:  # the same TopK twice more, forcing each decoder (sae/architectures/kernels.py)
         steps["topk, dense decoder"] = step_for("topk", args, device, x, dead, amp, "dense")
         steps["topk, sparse decoder"] = step_for("topk", args, device, x, dead, amp, "sparse")
     print(f"# timing {len(steps)} training steps and one matmul, {args.reps} rounds ...", file=sys.stderr, flush=True)

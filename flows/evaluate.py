@@ -16,7 +16,7 @@ from saeflow.tasks.tracking import publish_results
 @flow(name="evaluate_sae", log_prints=True)
 def evaluate_sae(config: PipelineConfig, sae: str, site: str | None = None) -> dict[str, Any]:
     """Resolve and check the SAE against the config's model, tokenize (or reuse) the dataset, evaluate on the eval
-    split (SPEC 5, 5.1) and log to a new MLflow run."""
+    split (MATH §5, §5.1) and log to a new MLflow run."""
     ref = resolve_sae_reference(config, sae, site)
     tokens = tokenize_dataset(config)
     out = evaluate_sae_reference(config, tokens, ref)

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 
 import typer
-
-import saeflow
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Train, evaluate and register SAEs.")
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "demo.yaml")
@@ -20,7 +17,8 @@ def _fail(msg: str) -> None:
 
 
 def _config(path: str | None, overrides: list[str]):
-    from saeflow.config import ConfigError, load_config
+    from saeflow.api import load_config
+    from saeflow.config import ConfigError
 
     try:
         return load_config(path, overrides)
@@ -35,13 +33,12 @@ def run(
 ) -> None:
     """Run sae_pipeline: tokenize → extract → stats → train → evaluate → register."""
     cfg = _config(config, set_)
+    from saeflow.api import USER_ERRORS
     from saeflow.flows.pipeline import sae_pipeline
-    from saeflow.sae.lm.models import ModelLoadError
-    from saeflow.sae.lm.sites import SiteError
 
     try:
         out = sae_pipeline(cfg)
-    except (ModelLoadError, SiteError, FileNotFoundError, KeyError, ValueError) as e:
+    except USER_ERRORS as e:
         _fail(str(e).strip("'\""))
     typer.echo(f"MLflow parent run: {out['run_id']}  (tracking URI {cfg.tracking_uri})")
     for site, per_sae in out["metrics"].items():
@@ -61,14 +58,12 @@ def sweep(
     cfg = _config(config, set_)
     if cfg.sweep is None:
         _fail(f"{config} has no `sweep:` section (see configs/sweep-demo.yaml); use `saeflow run` for plain runs")
+    from saeflow.api import USER_ERRORS, higher_is_better
     from saeflow.flows.sweep import sae_sweep
-    from saeflow.sae.evaluation.frontier import higher_is_better
-    from saeflow.sae.lm.models import ModelLoadError
-    from saeflow.sae.lm.sites import SiteError
 
     try:
         out = sae_sweep(cfg)
-    except (ModelLoadError, SiteError, FileNotFoundError, KeyError, ValueError) as e:
+    except USER_ERRORS as e:
         _fail(str(e).strip("'\""))
     typer.echo(
         f"MLflow parent run: {out['run_id']}  (tracking URI {cfg.tracking_uri}); frontier/ holds the plots "
@@ -98,16 +93,15 @@ def evaluate(
     site: str = typer.Option(None, "--site", help="Site to evaluate at; default: the site the SAE records."),
     set_: list[str] = typer.Option([], "--set", "-s", help="Override a key: --set tokens.eval_tokens=4096"),
 ) -> None:
-    """Evaluate any SAE on the config's held-out tokens (SPEC 5, 5.1) and log it to a new MLflow run."""
+    """Evaluate any SAE on the config's held-out tokens (MATH §5, §5.1) and log it to a new MLflow run."""
     cfg = _config(config, set_)
+    from saeflow.api import USER_ERRORS, check_sae_reference
     from saeflow.flows.evaluate import evaluate_sae
-    from saeflow.sae.lm.models import ModelLoadError
-    from saeflow.tasks.sae_reference import resolve_sae_reference
 
     try:
-        resolve_sae_reference.fn(cfg, sae, site)  # fail fast, with one line, before Prefect starts a flow run
+        check_sae_reference(cfg, sae, site)  # fail fast, with one line, before Prefect starts a flow run
         out = evaluate_sae(cfg, sae, site)
-    except (ModelLoadError, FileNotFoundError, KeyError, ValueError) as e:
+    except USER_ERRORS as e:
         _fail(str(e).strip("'\""))
     typer.echo(f"MLflow run: {out['run_id']}  (tracking URI {cfg.tracking_uri})")
     typer.echo(f"{out['site']} · {out['label']}")
@@ -122,11 +116,10 @@ def pull(
     tracking_uri: str = typer.Option(None, help="MLflow URI; default $MLFLOW_TRACKING_URI or ./saeflow-data."),
 ) -> None:
     """Download a registered SAE (safetensors + cfg.json); load it with saeflow.load_sae(DIR)."""
-    from saeflow.storage.tracking import pull as pull_model
+    from saeflow.api import pull as pull_model
 
-    uri = tracking_uri or saeflow.default_tracking_uri()
     try:
-        path = pull_model(ref, dst, uri)
+        path = pull_model(ref, dst, tracking_uri)
     except ValueError as e:
         _fail(str(e))
     typer.echo(path)
@@ -217,34 +210,18 @@ def deploy(
     typer.echo(f"{len(ids)} deployments in work pool {pool!r}; run them with: prefect worker start --pool {pool}")
 
 
-@contextlib.contextmanager
-def _registry(tracking_uri: str | None):
-    """A registry-only tracker for `models` / `promote`; a missing local store or an unreachable server is one
-    error line, and nothing is created."""
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")  # a down server answers in seconds, not minutes
-    from mlflow.exceptions import MlflowException
-
-    from saeflow.storage.tracking import Tracker
-
-    uri = tracking_uri or saeflow.default_tracking_uri()
-    if uri.startswith("sqlite:///") and not os.path.exists(uri.removeprefix("sqlite:///")):
-        _fail(f"no MLflow store at {uri}: run `saeflow run` first, or pass --tracking-uri / set MLFLOW_TRACKING_URI")
-    try:
-        yield Tracker(uri, None)
-    except MlflowException as e:
-        _fail(f"MLflow at {uri}: {e.message.splitlines()[0][:300]}")
-
-
 @app.command()
 def models(
     pattern: str = typer.Argument("*", help="Glob over registered model names, e.g. '*resid_post.15*'."),
     tracking_uri: str = typer.Option(None, help="MLflow URI; default $MLFLOW_TRACKING_URI or ./saeflow-data."),
 ) -> None:
     """List registered SAEs: versions, aliases, held-out metrics and the promotion gate's decision."""
-    from saeflow.storage.registry import list_versions
+    from saeflow.api import list_models
 
-    with _registry(tracking_uri) as tr:
-        rows = list_versions(tr, pattern)
+    try:
+        rows = list_models(pattern, tracking_uri)
+    except ValueError as e:
+        _fail(str(e))
     if not rows:
         typer.echo(f"no registered model matches {pattern!r}")
         return
@@ -269,13 +246,12 @@ def promote(
     tracking_uri: str = typer.Option(None, help="MLflow URI; default $MLFLOW_TRACKING_URI or ./saeflow-data."),
 ) -> None:
     """Move an alias (default champion) to a version by hand; the override is recorded on the version."""
-    from saeflow.storage.registry import RegistryError, promote_manually
+    from saeflow.api import promote as promote_alias
 
-    with _registry(tracking_uri) as tr:
-        try:
-            before = promote_manually(tr, name, version, alias)
-        except RegistryError as e:
-            _fail(str(e))
+    try:
+        before = promote_alias(name, version, alias, tracking_uri)
+    except ValueError as e:
+        _fail(str(e))
     typer.echo(f"{name}@{alias} -> v{version}" + (f" (was v{before})" if before else ""))
 
 

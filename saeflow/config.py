@@ -93,9 +93,9 @@ class StatsConfig(Strict):
     n_workers: int = Field(2, ge=1)
     """Worker processes of the LocalCluster."""
     normalize: Literal["expected_norm", "unit_mean_square", "none"] = "expected_norm"
-    """Normalization the SAEs train in (SPEC 4.1)."""
+    """Normalization the SAEs train in (MATH §4.1)."""
     outlier_norm_ratio: float | None = Field(10.0, gt=1)
-    """Rows with norm above this × the median are excluded from training and stats (SPEC 4.2); None keeps all."""
+    """Rows with norm above this × the median are excluded from training and stats (MATH §4.2); None keeps all."""
 
 
 class TrainConfig(TrainingConfig):
@@ -111,9 +111,9 @@ class EvalConfig(Strict):
     batch_size: int = Field(8, ge=1)
     """Windows per forward pass during evaluation."""
     ce_loss: bool = True
-    """Splice SAEs into the model: CE/KL for LMs, pooled-embedding cosine for encoder models (SPEC 5)."""
+    """Splice SAEs into the model: CE/KL for LMs, pooled-embedding cosine for encoder models (MATH §5)."""
     afa: bool = True
-    """Seed 2's AFA measures (ε_LBO, ‖f̃‖/‖z‖, ZF plot) and decoder geometry (SPEC 5.1)."""
+    """Seed 2's AFA measures (ε_LBO, ‖f̃‖/‖z‖, ZF plot) and decoder geometry (MATH §5.1)."""
     zf_points: int = Field(20_000, ge=1)
     """Tokens drawn in the ZF plot (the first ones of the eval split); the statistics use every token."""
     latent_report: bool = True
@@ -335,7 +335,7 @@ class PipelineConfig(Strict):
 
     @property
     def store_url(self) -> str:
-        url = self.store or os.path.join(self.root, "store")
+        url = self.store or os.path.join(self.root, "store")  # the layout storage/layout.py documents
         return url if "://" in url else os.path.abspath(os.path.expanduser(url))
 
     @property

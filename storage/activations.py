@@ -1,8 +1,8 @@
 """Activation store: one chunked, compressed Zarr array [n_rows, d] per site, written resumably, read shuffled.
 
 Layout under the store URL: `<site>/acts` (float rows, chunked along rows, whole windows per chunk) and, after
-the stats stage, `<site>/outlier_rows` (int64 row indices excluded from training and stats, SPEC 4.2).
-Rows are positions 1..T-1 of each token window: the BOS position 0 is never stored (SPEC 4.2).
+the stats stage, `<site>/outlier_rows` (int64 row indices excluded from training and stats, MATH §4.2).
+Rows are positions 1..T-1 of each token window: the BOS position 0 is never stored (MATH §4.2).
 """
 
 from __future__ import annotations
@@ -155,13 +155,13 @@ class ActivationWriter:
 
 
 class TrainingBatches:
-    """Endless stream of shuffled float32 batches of `site`, multiplied by `scale`, outlier rows left out (SPEC 4.3).
+    """Endless stream of shuffled float32 batches of `site`, multiplied by `scale`, outlier rows left out (MATH §4.3).
 
     Each epoch visits the chunks in a random order and pools `chunks_per_buffer` chunks at a time; a pool is the
     rows carried over from the previous pool plus those chunks, permuted, and cut into whole batches whose
     remainder is carried into the next pool. Both permutations are functions of (seed, epoch, buffer) only, so
     `cursor()` — where the stream stands plus the carried rows — restores it by reading the current buffer's
-    chunks alone (SPEC 3.4): nothing already consumed in earlier buffers is read again.
+    chunks alone (MATH §3.4): nothing already consumed in earlier buffers is read again.
     """
 
     def __init__(

@@ -1,6 +1,6 @@
 """SAE checkpoints on disk: `sae_weights.safetensors` + `cfg.json` (never pickle), and resumable training states.
 
-A training state (SPEC 3.4) is a directory `state-<n>/` under a checkpoint directory holding `state.safetensors`
+A training state (MATH §3.4) is a directory `state-<n>/` under a checkpoint directory holding `state.safetensors`
 (every tensor: weights, Adam moments, dead counters, RNG, carried rows) and `state.json` (the structure around them,
 with `{"__tensor__": key}` where a tensor was). It is written under a `.tmp-` name and renamed into place, so a run
 killed while saving leaves the previous state the newest complete one.
@@ -70,7 +70,7 @@ def load_sae(directory: str, device: str | torch.device = "cpu") -> SAE:
     return sae.to(device).eval()
 
 
-# ----- resumable training states (SPEC 3.4) --------------------------------------------------------------------
+# ----- resumable training states (MATH §3.4) --------------------------------------------------------------------
 class TrainingCheckpoint(NamedTuple):
     """A training state read back from disk."""
 

@@ -7,9 +7,12 @@ description). `saeflow promote` moves an alias by hand and records who did it.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import fnmatch
 import getpass
+import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -70,6 +73,22 @@ def record_decision(tr: Tracker, name: str, version: str, decision: PromotionDec
     tr.client.update_model_version(name, version, description=f"{mv.description or ''}\n\n{note}".strip())
     if decision.promoted:
         tr.set_alias(name, CHAMPION, version)
+
+
+@contextlib.contextmanager
+def open_registry(tracking_uri: str) -> Iterator[Tracker]:
+    """A registry-only tracker (no experiment, no runs). A missing local SQLite store or an unreachable server is a
+    RegistryError with one line, and nothing is created."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")  # a down server answers in seconds, not minutes
+    if tracking_uri.startswith("sqlite:///") and not os.path.exists(tracking_uri.removeprefix("sqlite:///")):
+        raise RegistryError(
+            f"no MLflow store at {tracking_uri}: run `saeflow run` first, or pass --tracking-uri / set "
+            "MLFLOW_TRACKING_URI"
+        )
+    try:
+        yield Tracker(tracking_uri, None)
+    except MlflowException as e:
+        raise RegistryError(f"MLflow at {tracking_uri}: {e.message.splitlines()[0][:300]}") from None
 
 
 def promote_manually(tr: Tracker, name: str, version: str, alias: str = CHAMPION) -> str | None:

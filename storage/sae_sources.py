@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import tempfile
 
 from saeflow.sae.architectures.base import SAE
-
-_HOOK = re.compile(r"^blocks\.(\d+)\.hook_(resid_post|mlp_out|resid_pre)$")
+from saeflow.sae.lm.sites import Site
 
 
 class SAEReferenceError(ValueError):
@@ -20,13 +18,8 @@ class SAEReferenceError(ValueError):
 def site_from_hook(hook_name: str | None) -> str | None:
     """TransformerLens hook → saeflow site: blocks.L.hook_resid_post/mlp_out → resid_post.L/mlp_out.L, and
     blocks.L.hook_resid_pre → resid_post.(L−1) (the same tensor); None for anything else."""
-    m = _HOOK.match(hook_name or "")
-    if not m:
-        return None
-    layer, kind = int(m[1]), m[2]
-    if kind == "resid_pre":
-        return f"resid_post.{layer - 1}" if layer > 0 else None
-    return f"{kind}.{layer}"
+    site = Site.from_hook(hook_name)
+    return None if site is None else str(site)
 
 
 def sniff_format(directory: str) -> tuple[str, dict]:

@@ -11,7 +11,7 @@ The on-disk format is SAELens' own (checked against sae-lens 6.54.12, `sae_lens/
   `metadata` dict (hook_name, model_name, sae_lens_version, ...). SAELens ≥ 6 keeps hook_name under metadata, and
   treats a config without metadata.sae_lens_version as a pre-6.0 one, so we always write it.
 
-Export folds the normalization scale c (SPEC 4.1) into the weights, as SAELens' own
+Export folds the normalization scale c (MATH §4.1) into the weights, as SAELens' own
 `fold_activation_norm_scaling_factor` does, so the exported SAE takes raw activations:
 π = (c·x − b_dec) W_enc + b_enc = (x − b_dec/c)(c·W_enc) + b_enc and x̂_raw = (f W_dec + b_dec)/c, hence
 W_enc' = c·W_enc, W_dec' = W_dec/c, b_dec' = b_dec/c. π itself is unchanged, so biases and thresholds are too; for
@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 from typing import Any
 
 import torch
@@ -37,6 +36,7 @@ from saeflow.sae.architectures.jumprelu import JumpReLUConfig
 from saeflow.sae.architectures.registry import build_sae
 from saeflow.sae.architectures.relu import ReLUConfig
 from saeflow.sae.architectures.topk import TopKConfig
+from saeflow.sae.lm.sites import Site
 
 WEIGHTS = "sae_weights.safetensors"  # SAELens' SAE_WEIGHTS_FILENAME
 CONFIG = "cfg.json"  # SAELens' SAE_CFG_FILENAME
@@ -55,10 +55,9 @@ EXPORT_ARCHITECTURE = {
     "matryoshka": "jumprelu",
 }
 _NOT_EXPORTABLE = {
-    "topafa": "top-AFA picks how many latents fire from ‖x − b_dec‖ per row (SPEC 2.6); no SAELens architecture "
+    "topafa": "top-AFA picks how many latents fire from ‖x − b_dec‖ per row (MATH §2.6); no SAELens architecture "
     "computes that, and a fixed k or threshold would change its codes",
 }
-_SITE = re.compile(r"^(resid_post|mlp_out)\.(\d+)$")
 
 
 class SAELensFormatError(ValueError):
@@ -68,10 +67,7 @@ class SAELensFormatError(ValueError):
 def hook_name_for_site(site: str) -> str:
     """TransformerLens hook name of a saeflow site: `resid_post.L` → `blocks.L.hook_resid_post` (same tensor: the
     block's output), `mlp_out.L` → `blocks.L.hook_mlp_out`. SAELens identifies an SAE's input by this name."""
-    m = _SITE.match(site)
-    if not m:
-        raise ValueError(f"{site!r} is not a saeflow site name (resid_post.L or mlp_out.L)")
-    return f"blocks.{m.group(2)}.hook_{m.group(1)}"
+    return Site.parse(site).to_hook()
 
 
 # ----- export ------------------------------------------------------------------------------------------------------

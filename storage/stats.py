@@ -1,4 +1,4 @@
-"""Per-site normalization statistics computed with Dask over the Zarr chunks (SPEC 4.1, 4.2).
+"""Per-site normalization statistics computed with Dask over the Zarr chunks (MATH §4.1, §4.2).
 
 Stored as the `stats` attribute of `<site>/acts`, with outlier row indices in `<site>/outlier_rows`.
 """

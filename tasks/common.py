@@ -12,11 +12,11 @@ from prefect.exceptions import MissingContextError
 
 from saeflow.config import PipelineConfig
 from saeflow.sae.lm.models import LoadedModel, load_model
+from saeflow.storage import layout
 from saeflow.storage.model_files import resolve_model_source
 from saeflow.storage.text import dataset_fingerprint
 from saeflow.storage.tokens import TokenStoreRef
 from saeflow.storage.tracking import Tracker
-from saeflow.storage.zarr_io import config_hash, join
 
 
 class RetryOptions(TypedDict, total=False):
@@ -57,7 +57,7 @@ def token_store_url(cfg: PipelineConfig) -> tuple[str, dict]:
         "n_train": cfg.tokens.n_windows(cfg.tokens.train_tokens),
         "n_eval": cfg.tokens.n_windows(cfg.tokens.eval_tokens),
     }
-    return join(cfg.store_url, "tokens", config_hash(identity)), identity
+    return layout.token_store_url(cfg.store_url, identity), identity
 
 
 def activation_store_url(cfg: PipelineConfig, tokens: TokenStoreRef) -> tuple[str, dict]:
@@ -69,7 +69,7 @@ def activation_store_url(cfg: PipelineConfig, tokens: TokenStoreRef) -> tuple[st
         "chunk_rows": cfg.extract.chunk_rows,
         "positions": "1..T-1",
     }
-    return join(cfg.store_url, "activations", config_hash(identity)), identity
+    return layout.activation_store_url(cfg.store_url, identity), identity
 
 
 def prefect_run_tags() -> dict[str, str]:
@@ -91,8 +91,7 @@ def tracker(cfg: PipelineConfig) -> Tracker:
 
     artifacts = None
     if cfg.tracking_uri.startswith("sqlite:") and not cfg.tracking.uri and "MLFLOW_TRACKING_URI" not in os.environ:
-        artifacts = "file://" + os.path.abspath(os.path.join(cfg.root, "mlartifacts"))
-    os.makedirs(cfg.root, exist_ok=True)
+        artifacts = layout.local_artifact_location(cfg.root)
     return Tracker(cfg.tracking_uri, cfg.tracking.experiment, artifacts)
 
 

@@ -1,5 +1,5 @@
 """Evaluation tasks: the pipeline's per-site evaluation of freshly trained SAEs, and `saeflow evaluate`'s evaluation
-of any SAE; both log the same metrics, artifacts, plots and latent report (SPEC 5, 5.1)."""
+of any SAE; both log the same metrics, artifacts, plots and latent report (MATH §5, §5.1)."""
 
 from __future__ import annotations
 

@@ -28,15 +28,15 @@ def report_frontier(
     for metric, path in FRONTIER_PLOTS.items():
         if any(metric in p for p in points):  # CE recovered exists only for models with an LM head
             fig = frontier(points, "l0", metric, f"{cfg.name} · {os.path.basename(cfg.model.name.rstrip('/'))}")
-            tr.client.log_figure(run_id, fig, path)
+            tr.log_figure(run_id, fig, path)
             plt.close(fig)
     sweep = cfg.sweep
     levels = {"fvu": sweep.fvu_levels, "ce_loss_recovered": sweep.ce_recovered_levels} if sweep else {}
     baseline = sweep.baseline_architecture() if sweep else "relu"
     rows = comparison_table(points, levels, baseline)
     tr.log_dict(run_id, points, "frontier/points.json")
-    tr.client.log_text(run_id, table_csv(rows), "frontier/comparison.csv")
+    tr.log_text(run_id, table_csv(rows), "frontier/comparison.csv")
     markdown = table_markdown(rows, baseline)
-    tr.client.log_text(run_id, markdown, "frontier/comparison.md")
+    tr.log_text(run_id, markdown, "frontier/comparison.md")
     run_logger().info("frontier report:\n" + markdown)
     return rows_as_dicts(rows)

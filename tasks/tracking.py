@@ -24,7 +24,7 @@ def start_pipeline_run(cfg: PipelineConfig, flow_name: str = "sae_pipeline") -> 
     dumped = cfg.model_dump(mode="json")
     tr.log_params(run_id, {k: v for k, v in dumped.items() if k != "saes"})
     tr.log_params(run_id, {"saes": [s.label() for s in cfg.saes]})
-    tr.client.log_text(run_id, yaml.safe_dump(dumped, sort_keys=False), "config/resolved.yaml")
+    tr.log_text(run_id, yaml.safe_dump(dumped, sort_keys=False), "config/resolved.yaml")
     run_logger().info(f"MLflow run {run_id} at {tr.tracking_uri}")
     return run_id
 
@@ -100,7 +100,7 @@ def publish_results(cfg: PipelineConfig, run_id: str, results: dict[str, Any], p
         description="The MLflow parent run of this flow run (nested runs per SAE under it)",
     )
     create_markdown_artifact(markdown, key="sae-results", description="Held-out metrics and promotion decisions")
-    tr.client.log_text(run_id, markdown, "eval/results.md")
+    tr.log_text(run_id, markdown, "eval/results.md")
     if promotions:
         tr.log_dict(run_id, promotions, "eval/promotions.json")
     run_logger().info("results:\n" + markdown)

@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import json
-import os
 from typing import Any
 
 import torch
@@ -20,6 +19,7 @@ from saeflow.sae.training import (
     memory_report,
     train_saes,
 )
+from saeflow.storage import layout
 from saeflow.storage.activations import ActivationStoreRef, iter_training_batches, sample_rows, training_buffer_bytes
 from saeflow.storage.checkpoints import clear_training_state, load_training_state, save_training_state
 from saeflow.storage.registry import CHALLENGER
@@ -58,7 +58,7 @@ def checkpoint_location(
 ) -> tuple[str, dict[str, Any]]:
     """`<root>/checkpoints/<key>/` of this group (key: site, SAE specs, activation store) and the identity a
     training state there must carry to be resumed: the same key, training settings, token budget and scale."""
-    key = config_hash(
+    key = layout.checkpoint_key(
         {
             "site": site,
             "saes": [s.model_dump() for s in specs],
@@ -68,7 +68,7 @@ def checkpoint_location(
     )
     train = cfg.train.model_dump(exclude={"log_every", "checkpoint_every_tokens"})  # neither changes the weights
     identity = json.loads(json.dumps({"key": key, "train": train, "total_tokens": total, "scale": scale}, default=str))
-    return os.path.join(cfg.root, "checkpoints", key), identity
+    return layout.checkpoint_url(cfg.root, key), identity
 
 
 @task(name="train", cache_policy=NO_CACHE)
@@ -83,7 +83,7 @@ def train_site_saes(
     """Train `specs` on one shared stream of `site` batches; log each to its own nested MLflow run and register it.
 
     With `train.checkpoint_every_tokens` the group's training state is saved under `<root>/checkpoints/<key>/`; a
-    later call with the same config resumes from the newest one (SPEC 3.4). Fails before building anything when
+    later call with the same config resumes from the newest one (MATH §3.4). Fails before building anything when
     the group will not fit in memory.
     """
     log = run_logger()

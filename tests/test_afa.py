@@ -1,4 +1,4 @@
-"""Seed 2's AFA evaluation (SPEC 5.1): the exact relation ‖f̃‖ = ‖z‖ for an orthonormal dictionary, the streamed
+"""Seed 2's AFA evaluation (MATH §5.1): the exact relation ‖f̃‖ = ‖z‖ for an orthonormal dictionary, the streamed
 statistics against numpy, decoder geometry, and that the ZF and decoder-cosine figures really draw something."""
 
 from __future__ import annotations

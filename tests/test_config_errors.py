@@ -29,7 +29,7 @@ def error_line(result) -> str:
 
 @pytest.mark.parametrize(
     "path",
-    ["configs/demo.yaml", "configs/gpt2-openwebtext.yaml", "configs/sotu-smollm2.yaml", "configs/sweep-demo.yaml"],
+    ["configs/demo.yaml", "configs/gpt2-openwebtext.yaml", "benchmarks/sotu-smollm2.yaml", "configs/sweep-demo.yaml"],
 )
 def test_shipped_configs_validate_offline(path):
     cfg = load_config(f"{ROOT}/{path}")

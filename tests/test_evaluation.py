@@ -1,4 +1,4 @@
-"""Evaluation (SPEC 5): exact identities on the tiny GPT-2 and a tiny BERT (identity SAE ⇒ FVU 0, cosine 1, γ 1,
+"""Evaluation (MATH §5): exact identities on the tiny GPT-2 and a tiny BERT (identity SAE ⇒ FVU 0, cosine 1, γ 1,
 CE/cosine recovered 1, KL 0; zero SAE ⇒ recovered 0; eval-mean SAE ⇒ FVU 1 and mean-ablation recovered 0), and every
 streamed metric against a direct numpy computation."""
 

@@ -1,4 +1,4 @@
-"""Gated (SPEC 2.2) and JumpReLU (SPEC 2.3) SAEs: the math of their gradients, training, checkpoints, config."""
+"""Gated (MATH §2.2) and JumpReLU (MATH §2.3) SAEs: the math of their gradients, training, checkpoints, config."""
 
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ def _jumprelu(seed: int = 0, **cfg) -> JumpReLUSAE:
     return sae
 
 
-# ----- Gated SAE (SPEC 2.2) -----------------------------------------------------------------------------------
+# ----- Gated SAE (MATH §2.2) -----------------------------------------------------------------------------------
 
 
 def test_gated_inference_equals_jumprelu_of_magnitude_path():
@@ -91,7 +91,7 @@ def test_gated_loss_is_reconstruction_plus_sparsity_plus_aux(unit_norm_decoder):
     assert sae.unit_norm_decoder is unit_norm_decoder
 
 
-# ----- JumpReLU SAE (SPEC 2.3) --------------------------------------------------------------------------------
+# ----- JumpReLU SAE (MATH §2.3) --------------------------------------------------------------------------------
 
 
 def test_jumprelu_straight_through_gradients_match_spec_on_a_hand_example():
@@ -143,7 +143,7 @@ def test_jumprelu_encode_zeroes_everything_at_or_below_threshold():
 
 
 def _sparse_data(n: int, d: int = 64, m: int = 256, k: float = 5, seed: int = 0) -> torch.Tensor:
-    """Rows = sparse non-negative codes (≈k active of m) on m fixed random unit directions; E‖x‖ = √d (SPEC 4.1)."""
+    """Rows = sparse non-negative codes (≈k active of m) on m fixed random unit directions; E‖x‖ = √d (MATH §4.1)."""
     dirs = torch.randn(m, d, generator=torch.Generator().manual_seed(1234))
     dirs /= dirs.norm(dim=1, keepdim=True)
     g = torch.Generator().manual_seed(seed)

@@ -1,4 +1,5 @@
-"""Ground-truth recovery on a small synthetic superposition instance (the benchmark's generator, sae/synthetic.py).
+"""Ground-truth recovery on a small synthetic superposition instance (the benchmark's generator,
+sae/evaluation/synthetic.py).
 
 All architectures train together on one shared stream (one data pass), as a sweep would.
 """
@@ -40,7 +41,7 @@ def test_recovers_90_percent_of_true_features(results, arch):
 @pytest.mark.xfail(
     strict=True,
     reason=(
-        "top-AFA exactly as SPEC 2.6 has it (no L1) has no pressure toward few latents: on this instance it settles "
+        "top-AFA exactly as MATH §2.6 has it (no L1) has no pressure toward few latents: on this instance it settles "
         "on a dense code (L0 ≈ 10× the true L0, FVU ≈ 0.01) whose decoder rows are mixtures (benchmarks/README.md)"
     ),
 )

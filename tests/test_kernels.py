@@ -1,4 +1,5 @@
-"""The sparse TopK decoder (sae/kernels.py, SPEC 2.4) computes what the dense decoder computes, forward and backward."""
+"""The sparse TopK decoder (sae/architectures/kernels.py, MATH §2.4) computes what the dense decoder computes,
+forward and backward."""
 
 from __future__ import annotations
 

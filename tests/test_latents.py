@@ -1,5 +1,6 @@
-"""The latent report (sae/latents.py): streamed top contexts equal a brute-force top-k over every token, the choice
-of latents covers the most frequent and rarest live ones, and the HTML highlights the activating token."""
+"""The latent report (sae/evaluation/latents.py): streamed top contexts equal a brute-force top-k over every
+token, the choice of latents covers the most frequent and rarest live ones, and the HTML highlights the
+activating token."""
 
 from __future__ import annotations
 

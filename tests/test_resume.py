@@ -1,4 +1,4 @@
-"""Resumable training (SPEC 3.4): a killed run resumed from its last checkpoint ends at exactly the weights of an
+"""Resumable training (MATH §3.4): a killed run resumed from its last checkpoint ends at exactly the weights of an
 uninterrupted run, reading only the data it had not consumed; half-written checkpoints are ignored; a group that
 cannot fit in memory fails before anything is allocated."""
 

@@ -17,7 +17,7 @@ def store(tmp_path_factory):
     rows_per_window, n_windows, d = 15, 200, 24
     x = (rng.normal(size=(n_windows * rows_per_window, d)) * rng.uniform(0.5, 2, size=d) + 3.0).astype(np.float32)
     outliers = np.array([0, 15, 450, 2999])
-    x[outliers] *= 100.0  # rows with enormous norms, as LM residual streams have (SPEC 4.2)
+    x[outliers] *= 100.0  # rows with enormous norms, as LM residual streams have (MATH §4.2)
     url = str(tmp_path_factory.mktemp("stats") / "acts")
     w = ActivationWriter(url, ["s"], n_windows, rows_per_window, d, "float32", {"test": 1}, {}, target_chunk_rows=300)
     w.add({"s": x})

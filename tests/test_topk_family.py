@@ -1,4 +1,4 @@
-"""BatchTopK (SPEC 2.5), top-AFA (SPEC 2.6), Matryoshka (SPEC 2.7): selection, losses, learning, checkpoints."""
+"""BatchTopK (MATH §2.5), top-AFA (MATH §2.6), Matryoshka (MATH §2.7): selection, losses, learning, checkpoints."""
 
 from __future__ import annotations
 
@@ -148,7 +148,7 @@ def trained(one_thread):
     """The three architectures trained side by side (one shared batch stream) for 250 steps of 256 rows."""
     gen = torch.Generator().manual_seed(0)
     dirs = torch.nn.functional.normalize(torch.randn(N_TRUE, D, generator=gen), dim=1)
-    scale = math.sqrt(D) / _synthetic(4096, gen, dirs).norm(dim=1).mean()  # SPEC 4.1: E‖x‖ = √d
+    scale = math.sqrt(D) / _synthetic(4096, gen, dirs).norm(dim=1).mean()  # MATH §4.1: E‖x‖ = √d
     x_eval = _synthetic(4096, gen, dirs) * scale
 
     def batches():
@@ -162,7 +162,7 @@ def trained(one_thread):
     return saes, x_eval
 
 
-# (max FVU, L0 range) in eval mode. top-AFA picks its own L0 and lands dense on this toy, as SPEC 2.6 warns it
+# (max FVU, L0 range) in eval mode. top-AFA picks its own L0 and lands dense on this toy, as MATH §2.6 warns it
 # does at small d; the bound only says it stays a code (under half the latents), not a dense copy of x.
 EXPECT = {"batchtopk": (0.35, (K / 2, 2 * K)), "topafa": (0.15, (2, 128)), "matryoshka": (0.45, (K / 2, 2 * K))}
 

@@ -1,6 +1,6 @@
 """The one interface every SAE architecture implements (the registry that maps names to classes is registry.py).
 
-Notation follows ../shared/SPEC.md §1: x is a normalized activation row, f the sparse code, x̂ = f W_dec + b_dec.
+Notation follows MATH §1: x is a normalized activation row, f the sparse code, x̂ = f W_dec + b_dec.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ class SAEConfig(BaseModel):
     lr: float | None = Field(None, gt=0)
     """Adam learning rate; None takes the architecture's default."""
     b_dec_init: Literal["geometric_median", "mean", "zeros"] = "geometric_median"
-    """How b_dec starts (SPEC 3.1)."""
+    """How b_dec starts (MATH §3.1)."""
 
     default_lr: ClassVar[float] = 1e-3
     adam_betas: ClassVar[tuple[float, float]] = (0.9, 0.999)
@@ -71,7 +71,7 @@ class TrainState(NamedTuple):
     progress: float
     """Fraction of training done, in [0, 1]."""
     dead_mask: Tensor | None
-    """Bool [d_sae], True where the latent has not fired within the dead window (SPEC 3.3)."""
+    """Bool [d_sae], True where the latent has not fired within the dead window (MATH §3.3)."""
 
 
 class SAE(nn.Module):
@@ -92,13 +92,13 @@ class SAE(nn.Module):
         self.b_enc = nn.Parameter(torch.zeros(self.d_sae))
         self.W_dec = nn.Parameter(torch.empty(self.d_sae, d_in))
         self.b_dec = nn.Parameter(torch.zeros(d_in))
-        # Multiplies raw activations into the units the SAE was trained in (SPEC 4.1); saved with the weights.
+        # Multiplies raw activations into the units the SAE was trained in (MATH §4.1); saved with the weights.
         self.register_buffer("input_scale", torch.ones(()))
         self.reset_parameters()
 
     # ----- initialisation -------------------------------------------------------------------------------
     def reset_parameters(self) -> None:
-        """Decoder rows random unit vectors, encoder its transpose (SPEC 2.4 init, used by every architecture)."""
+        """Decoder rows random unit vectors, encoder its transpose (MATH §2.4 init, used by every architecture)."""
         w = torch.randn(self.d_sae, self.d_in)
         w = w / w.norm(dim=1, keepdim=True)
         with torch.no_grad():
@@ -107,7 +107,7 @@ class SAE(nn.Module):
 
     # ----- the interface ---------------------------------------------------------------------------------
     def pre_acts(self, x: Tensor) -> Tensor:
-        """π(x) = (x − b_dec) W_enc + b_enc (SPEC 1).
+        """π(x) = (x − b_dec) W_enc + b_enc (MATH §1).
 
         Written as x W_enc − (b_dec W_enc − b_enc) so backward gets b_dec's gradient from a [d_sae] vector instead of
         a full [B, d_sae] × [d_sae, d_in] product: a sixth of a dense training step.
@@ -141,7 +141,7 @@ class SAE(nn.Module):
     # ----- hooks around the optimizer step ---------------------------------------------------------------
     @torch.no_grad()
     def remove_parallel_grads(self) -> None:
-        """Drop the gradient component parallel to each decoder row (SPEC 2.1 `unit_decoder`)."""
+        """Drop the gradient component parallel to each decoder row (MATH §2.1 `unit_decoder`)."""
         if self.unit_norm_decoder and self.W_dec.grad is not None:
             w = self.W_dec / self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
             self.W_dec.grad -= (self.W_dec.grad * w).sum(dim=1, keepdim=True) * w

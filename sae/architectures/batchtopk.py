@@ -1,4 +1,4 @@
-"""BatchTopK SAE (SPEC 2.5, Bussmann et al. 2024): TopK across the whole batch, one learned threshold at inference."""
+"""BatchTopK SAE (MATH §2.5, Bussmann et al. 2024): TopK across the whole batch, one learned threshold at inference."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ class BatchTopKConfig(TopKConfig):
 
 
 def batch_topk(pre: Tensor, k: int) -> Tensor:
-    """Keep the k·B largest ReLU(π) across the flattened batch (SPEC 2.5); per-row L0 varies, its mean is ≤ k."""
+    """Keep the k·B largest ReLU(π) across the flattened batch (MATH §2.5); per-row L0 varies, its mean is ≤ k."""
     acts = torch.relu(pre)
     flat = acts.flatten()
     vals, idx = flat.topk(min(k * pre.shape[0], flat.numel()), sorted=False)
@@ -42,7 +42,7 @@ class BatchTopKSAE(TopKSAE):
     def __init__(self, cfg: BatchTopKConfig, d_in: int):
         super().__init__(cfg, d_in)
         # Buffers, not attributes: θ and its update count must land in state_dict and hence the checkpoint
-        # (SPEC 2.5), and the count makes a resumed run continue the same running mean (SPEC 3.4).
+        # (MATH §2.5), and the count makes a resumed run continue the same running mean (MATH §3.4).
         self.register_buffer("threshold", torch.zeros(()))
         self.register_buffer("threshold_updates", torch.zeros((), dtype=torch.long))
 
@@ -66,11 +66,11 @@ class BatchTopKSAE(TopKSAE):
         return SAEOutput(x_hat, f, loss, terms)
 
     def k_aux(self) -> int:
-        return self.cfg.k_aux or max(1, self.d_in // 2)  # SPEC 2.4 default d/2
+        return self.cfg.k_aux or max(1, self.d_in // 2)  # MATH §2.4 default d/2
 
     @torch.no_grad()
     def update_threshold(self, f: Tensor) -> None:
-        """θ ← running mean of the smallest kept (positive) activation of each batch (SPEC 2.5).
+        """θ ← running mean of the smallest kept (positive) activation of each batch (MATH §2.5).
 
         Tensor ops only, so a GPU step never waits on a host sync; a batch with nothing kept leaves θ alone.
         """

@@ -1,4 +1,4 @@
-"""Gated SAE (SPEC 2.2, Rajamanoharan et al. 2024, "Improving Dictionary Learning with Gated SAEs").
+"""Gated SAE (MATH §2.2, Rajamanoharan et al. 2024, "Improving Dictionary Learning with Gated SAEs").
 
 Parameter names follow SAELens' gated SAE except the gate bias: the base class's `b_enc` IS the gate bias
 b_gate and `W_enc` is W_gate. An exporter maps `b_enc` → `b_gate`; every other name (W_enc, r_mag, b_mag, W_dec,
@@ -27,7 +27,7 @@ class GatedConfig(SAEConfig):
     unit_norm_decoder: bool = True
     """Keep decoder rows unit norm (paper); False leaves them free and weights the L1 term by ‖W_dec,i‖."""
 
-    # SPEC 2.2 names lr 5e-5 (the reference trainer's, for ~10⁵-step runs); it barely moves in saeflow's runs of
+    # MATH §2.2 names lr 5e-5 (the reference trainer's, for ~10⁵-step runs); it barely moves in saeflow's runs of
     # 10²–10⁴ steps, so the default is the project's usual 5e-4. β₁ = 0 is kept from the reference.
     default_lr: ClassVar[float] = 5e-4
     adam_betas: ClassVar[tuple[float, float]] = (0.0, 0.999)
@@ -56,34 +56,34 @@ class GatedSAE(SAE):
         return x @ self.W_enc - self.b_dec @ self.W_enc
 
     def _paths(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """(π_gate, π_mag) from one encoder matmul; W_mag = W_gate ⊙ exp(r_mag) is never materialised (SPEC 2.2)."""
+        """(π_gate, π_mag) from one encoder matmul; W_mag = W_gate ⊙ exp(r_mag) is never materialised (MATH §2.2)."""
         c = self._centred(x)
         return c + self.b_enc, c * self.r_mag.exp() + self.b_mag
 
     def gate_pre_acts(self, x: Tensor) -> Tensor:
-        """π_gate = (x − b_dec) W_gate + b_gate (SPEC 2.2)."""
+        """π_gate = (x − b_dec) W_gate + b_gate (MATH §2.2)."""
         return self._paths(x)[0]
 
     def mag_pre_acts(self, x: Tensor) -> Tensor:
-        """π_mag = (x − b_dec) W_mag + b_mag, W_mag = W_gate ⊙ exp(r_mag) column-wise (SPEC 2.2)."""
+        """π_mag = (x − b_dec) W_mag + b_mag, W_mag = W_gate ⊙ exp(r_mag) column-wise (MATH §2.2)."""
         return self._paths(x)[1]
 
     def _code(self, pi_gate: Tensor, pi_mag: Tensor) -> Tensor:
-        # The Heaviside gate is a comparison, so no gradient reaches W_gate/b_gate through it (SPEC 2.2).
+        # The Heaviside gate is a comparison, so no gradient reaches W_gate/b_gate through it (MATH §2.2).
         return (pi_gate > 0).to(pi_mag.dtype) * torch.relu(pi_mag)
 
     def encode(self, x: Tensor) -> Tensor:
         return self._code(*self._paths(x))
 
     def sparsity_loss(self, pi_gate: Tensor) -> Tensor:
-        """mean ‖ReLU(π_gate)‖₁, or Σ ReLU(π_gate)ᵢ‖W_dec,i‖ when the decoder is free (SPEC 2.2)."""
+        """mean ‖ReLU(π_gate)‖₁, or Σ ReLU(π_gate)ᵢ‖W_dec,i‖ when the decoder is free (MATH §2.2)."""
         a = torch.relu(pi_gate)
         if self.unit_norm_decoder:
             return a.sum(-1).mean()
         return (a * self.W_dec.norm(dim=1)).sum(-1).mean()
 
     def aux_loss(self, x: Tensor, pi_gate: Tensor) -> Tensor:
-        """L_aux: reconstruct x from ReLU(π_gate) through a frozen copy of the decoder (SPEC 2.2).
+        """L_aux: reconstruct x from ReLU(π_gate) through a frozen copy of the decoder (MATH §2.2).
 
         Only the decoder's use is frozen: b_dec still centres x inside π_gate, as in the paper's pseudo-code, so
         L_aux reaches b_dec through the encoder input but never through W_dec or the output bias.

@@ -1,4 +1,4 @@
-"""JumpReLU SAE (SPEC 2.3, Rajamanoharan et al. 2024, "Jumping Ahead"; Gemma Scope).
+"""JumpReLU SAE (MATH §2.3, Rajamanoharan et al. 2024, "Jumping Ahead"; Gemma Scope).
 
 f_i = π_i · H(π_i − θ_i) with learned θ_i = exp(t_i), trained on an L0 penalty through straight-through estimators.
 The threshold lives in the Parameter `log_threshold` (t), so it is in `state_dict()` and in the checkpoint;
@@ -20,7 +20,7 @@ from saeflow.sae.architectures.registry import register
 
 
 def _rectangle(pre: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
-    """K((π − θ)/ε) for the rectangle kernel K(u) = 1[|u| < ½] (SPEC 2.3)."""
+    """K((π − θ)/ε) for the rectangle kernel K(u) = 1[|u| < ½] (MATH §2.3)."""
     return ((pre - threshold).abs() < bandwidth / 2).to(torch.float32)
 
 
@@ -30,7 +30,7 @@ def _sum_to(grad: Tensor, like: Tensor) -> Tensor:
 
 
 class StepSTE(torch.autograd.Function):
-    """H(π − θ) forward; backward ∂/∂θ ≈ −(1/ε)K((π−θ)/ε) and nothing to π (SPEC 2.3)."""
+    """H(π − θ) forward; backward ∂/∂θ ≈ −(1/ε)K((π−θ)/ε) and nothing to π (MATH §2.3)."""
 
     @staticmethod
     def forward(ctx, pre: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
@@ -48,7 +48,7 @@ class StepSTE(torch.autograd.Function):
 
 
 class JumpReLUSTE(torch.autograd.Function):
-    """π · H(π − θ) forward; backward ∂/∂π = H(π − θ), ∂/∂θ ≈ −(θ/ε)K((π−θ)/ε) (SPEC 2.3)."""
+    """π · H(π − θ) forward; backward ∂/∂π = H(π − θ), ∂/∂θ ≈ −(θ/ε)K((π−θ)/ε) (MATH §2.3)."""
 
     @staticmethod
     def forward(ctx, pre: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
@@ -75,14 +75,14 @@ class JumpReLUConfig(SAEConfig):
     """ε, the width of the rectangle kernel of the straight-through estimators, in normalized units."""
     threshold_init: float = Field(0.5, gt=0)
     """θ at initialisation (every latent), in normalized units; stored as log θ."""
-    # SPEC 2.3's paper defaults (ε = θ_init = 0.001) are in units where E‖x‖² = 1; ours are √d larger, so the paper's
+    # MATH §2.3's paper defaults (ε = θ_init = 0.001) are in units where E‖x‖² = 1; ours are √d larger, so the paper's
     # ε is 0.05 here at d ≈ 2500 (SAELens' default, same normalization). θ_init = 0.001 would need ~log(1000)/lr
     # Adam steps before any latent is sparse: L0 stayed ≈ 0.7·d_sae for 1500 steps at lr 1e-3 on synthetic data.
     # Pre-activations are O(1) at init, so θ = 0.5 starts at L0 ≈ 0.3·d_sae and the L0 term moves it from there.
     unit_norm_decoder: bool = True
     """Keep decoder rows unit norm (Gemma Scope); False leaves them free."""
     sparsity: Literal["l0", "tanh"] = "l0"
-    """`l0`: λ·Σ H(π − θ) (paper); `tanh`: λ·Σ tanh(c·fᵢ‖W_dec,i‖) (Anthropic's option, SPEC 2.3)."""
+    """`l0`: λ·Σ H(π − θ) (paper); `tanh`: λ·Σ tanh(c·fᵢ‖W_dec,i‖) (Anthropic's option, MATH §2.3)."""
     tanh_scale: float = Field(4.0, gt=0)
     """c in the tanh sparsity penalty (per unit of fᵢ‖W_dec,i‖)."""
 
@@ -121,10 +121,10 @@ class JumpReLUSAE(SAE):
         x_hat = self.decode(f)
         rec = reconstruction_loss(x, x_hat)
         if self.cfg.sparsity == "l0":
-            sparsity = StepSTE.apply(pre, theta, self.cfg.bandwidth).sum(-1).mean()  # SPEC 2.3 L0 penalty
+            sparsity = StepSTE.apply(pre, theta, self.cfg.bandwidth).sum(-1).mean()  # MATH §2.3 L0 penalty
         else:
             scaled = f * self.W_dec.norm(dim=1) * self.cfg.tanh_scale
-            sparsity = torch.tanh(scaled).sum(-1).mean()  # SPEC 2.3 Option (tanh)
+            sparsity = torch.tanh(scaled).sum(-1).mean()  # MATH §2.3 Option (tanh)
         lam = self.cfg.l0_coefficient * warmup(state.progress, self.cfg.l0_warmup)
         loss = rec + lam * sparsity
         return SAEOutput(x_hat, f, loss, {"mse": rec.detach(), "sparsity": sparsity.detach()})

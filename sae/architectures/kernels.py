@@ -1,4 +1,4 @@
-"""Fast paths for the TopK family, kept apart from the models (SPEC 2.4, last bullet).
+"""Fast paths for the TopK family, kept apart from the models (MATH §2.4, last bullet).
 
 A TopK code has k non-zeros per row out of d_sae, so the decoder needs only k rows of W_dec per token:
 x̂ = Σⱼ valsⱼ · W_dec[idxⱼ] + b_dec. The dense path instead scatters the code into a [B, d_sae] matrix and pays a
@@ -48,7 +48,7 @@ def sparse_decode(vals: Tensor, idx: Tensor, W_dec: Tensor, b_dec: Tensor) -> Te
 
 
 def dense_decode(vals: Tensor, idx: Tensor, W_dec: Tensor, b_dec: Tensor) -> Tensor:
-    """The reference path: scatter into a dense [B, d_sae] code, then f W_dec + b_dec (SPEC 1)."""
+    """The reference path: scatter into a dense [B, d_sae] code, then f W_dec + b_dec (MATH §1)."""
     f = vals.new_zeros(*vals.shape[:-1], W_dec.shape[0]).scatter(-1, idx, vals)
     return f @ W_dec + b_dec
 

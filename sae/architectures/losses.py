@@ -1,4 +1,4 @@
-"""Loss pieces shared by several architectures (SPEC 1, 2.4)."""
+"""Loss pieces shared by several architectures (MATH §1, §2.4)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from saeflow.sae.architectures.kernels import sparse_decode
 
 
 def reconstruction_loss(x: Tensor, x_hat: Tensor) -> Tensor:
-    """L_rec = mean over rows of ‖x − x̂‖², summed over d (SPEC 1)."""
+    """L_rec = mean over rows of ‖x − x̂‖², summed over d (MATH §1)."""
     return (x - x_hat).pow(2).sum(-1).mean()
 
 
@@ -19,7 +19,7 @@ def warmup(progress: float, fraction: float) -> float:
 
 
 def auxk_loss(residual: Tensor, pre_acts: Tensor, W_dec: Tensor, dead_mask: Tensor | None, k_aux: int) -> Tensor:
-    """AuxK (SPEC 2.4): reconstruct the stop-gradient residual e from the top-k_aux dead latents.
+    """AuxK (MATH §2.4): reconstruct the stop-gradient residual e from the top-k_aux dead latents.
 
     L_aux = ‖e − ê‖² / ‖e − mean(e)‖², scaled by min(#dead / k_aux, 1); zero when nothing is dead.
     """

@@ -1,4 +1,4 @@
-"""Matryoshka SAE (SPEC 2.7, Bussmann et al.; Nabeshima 2025): nested prefixes of ordered latents reconstruct x."""
+"""Matryoshka SAE (MATH §2.7, Bussmann et al.; Nabeshima 2025): nested prefixes of ordered latents reconstruct x."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ class MatryoshkaConfig(BatchTopKConfig):
     prefix_fractions: list[float] = Field(default_factory=lambda: [1 / 16, 1 / 8, 1 / 4, 1 / 2, 1.0])
     """Prefix sizes as fractions of d_sae (rounded, at least 1 latent), used when `prefixes` is None."""
     prefix_loss: Literal["sum", "mean"] = "sum"
-    """How the per-prefix L_rec combine: `sum` (SPEC 2.7, Nabeshima) or `mean` (Bussmann's reference code)."""
+    """How the per-prefix L_rec combine: `sum` (MATH §2.7, Nabeshima) or `mean` (Bussmann's reference code)."""
 
     @field_validator("prefixes")
     @classmethod
@@ -76,7 +76,7 @@ class MatryoshkaSAE(BatchTopKSAE):
             x_hat = x_hat + f[:, start:m] @ self.W_dec[start:m]
             recs.append(reconstruction_loss(x, x_hat))
             start = m
-        # SPEC 2.7 sums. Under Adam a constant factor on the whole loss nearly cancels; what the choice really
+        # MATH §2.7 sums. Under Adam a constant factor on the whole loss nearly cancels; what the choice really
         # sets is AuxK's weight relative to reconstruction (α against #prefixes × L_rec for `sum`).
         total = functools.reduce(operator.add, recs)
         nested = total if self.cfg.prefix_loss == "sum" else total / len(recs)

@@ -1,4 +1,4 @@
-"""ReLU + L1, the "standard" SAE (SPEC 2.1)."""
+"""ReLU + L1, the "standard" SAE (MATH §2.1)."""
 
 from __future__ import annotations
 
@@ -53,9 +53,9 @@ class ReLUSAE(SAE):
         x_hat = self.decode(f)
         rec = reconstruction_loss(x, x_hat)
         if self.cfg.l1_form == "decoder_weighted":
-            l1 = (f * self.W_dec.norm(dim=1)).sum(-1).mean()  # SPEC 2.1 decoder_weighted
+            l1 = (f * self.W_dec.norm(dim=1)).sum(-1).mean()  # MATH §2.1 decoder_weighted
         else:
-            l1 = f.sum(-1).mean()  # SPEC 2.1 unit_decoder: ‖f‖₁ (f ≥ 0)
+            l1 = f.sum(-1).mean()  # MATH §2.1 unit_decoder: ‖f‖₁ (f ≥ 0)
         lam = self.cfg.l1_coefficient * warmup(state.progress, self.cfg.l1_warmup)
         loss = rec + lam * l1
         return SAEOutput(x_hat, f, loss, {"mse": rec.detach(), "l1": l1.detach()})

@@ -1,4 +1,4 @@
-"""top-AFA SAE (SPEC 2.6, Lee et al. 2025): the input's norm decides how many latents fire; no k to tune."""
+"""top-AFA SAE (MATH §2.6, Lee et al. 2025): the input's norm decides how many latents fire; no k to tune."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from saeflow.sae.architectures.registry import register
 class TopAFAConfig(SAEConfig):
     architecture: Literal["topafa"] = "topafa"
     use_b_enc: bool = True
-    """Add b_enc to the pre-activation π (SPEC 2.6 keeps it; the reference code drops it)."""
+    """Add b_enc to the pre-activation π (MATH §2.6 keeps it; the reference code drops it)."""
     afa_select: Literal["nearest", "first_exceed"] = "nearest"
     """k*(x): the prefix whose norm C_j is nearest the target norm, or the first prefix whose norm reaches it."""
     afa_target: Literal["centred", "raw"] = "centred"
@@ -24,18 +24,18 @@ class TopAFAConfig(SAEConfig):
     afa_coefficient: float = Field(1 / 32, ge=0)
     """λ_AFA, weight of mean_B (‖f‖ − target)², both norms in normalized units (E‖x‖ = √d)."""
     k_aux: int = Field(512, ge=1)
-    """Dead latents used by AuxK (capped by the number dead, SPEC 2.6)."""
+    """Dead latents used by AuxK (capped by the number dead, MATH §2.6)."""
     aux_coefficient: float = Field(1 / 32, ge=0)
     """α, the weight of the AuxK loss."""
     l1_coefficient: float = Field(0.0, ge=0)
-    """λ₁ on ‖f‖₁ (the reference code's `l1_coeff`; SPEC 2.6 and the paper use 0). Without it top-AFA has no
+    """λ₁ on ‖f‖₁ (the reference code's `l1_coeff`; MATH §2.6 and the paper use 0). Without it top-AFA has no
     pressure toward few latents and on superposition data usually settles on a dense code whose decoder rows are
     mixtures (benchmarks/README.md). With it, b_enc becomes a threshold that prunes the tail, and the selection and
     the AFA term keep ‖f‖ near ‖z‖."""
     l1_warmup: float = Field(0.05, ge=0, le=1)
     """Fraction of training over which λ₁ ramps linearly from 0."""
 
-    # Same as TopK: SPEC 2.6 asks for top-AFA to be benchmarked next to TopK, so keep the optimiser identical.
+    # Same as TopK: MATH §2.6 asks for top-AFA to be benchmarked next to TopK, so keep the optimiser identical.
     default_lr: ClassVar[float] = 5e-4
 
     def sparsity_label(self) -> str:
@@ -51,7 +51,7 @@ class AFASelection(NamedTuple):
 
 
 def afa_select(a: Tensor, d_norm: Tensor, target: Tensor, how: str = "nearest") -> AFASelection:
-    """Pick each row's k* = argmin_j |C_j − target|, C_j = √(prefix sum of sorted sᵢ = (aᵢ‖dᵢ‖)²) (SPEC 2.6).
+    """Pick each row's k* = argmin_j |C_j − target|, C_j = √(prefix sum of sorted sᵢ = (aᵢ‖dᵢ‖)²) (MATH §2.6).
 
     Vectorised over the batch: one sort per row, a cumulative sum, and a scatter of the rank mask back.
     """
@@ -76,10 +76,10 @@ def afa_select(a: Tensor, d_norm: Tensor, target: Tensor, how: str = "nearest") 
 @register("topafa")
 class TopAFASAE(SAE):
     config_class = TopAFAConfig
-    unit_norm_decoder = True  # SPEC 2.6: the AFA bound assumes unit-norm rows
+    unit_norm_decoder = True  # MATH §2.6: the AFA bound assumes unit-norm rows
     cfg: TopAFAConfig
 
-    # Base init already gives unit decoder rows and W_enc = W_decᵀ, the init SPEC 2.6 asks for.
+    # Base init already gives unit decoder rows and W_enc = W_decᵀ, the init MATH §2.6 asks for.
 
     def pre_acts(self, x: Tensor) -> Tensor:
         # Without b_enc the parameter stays at zero (no gradient reaches it); it is kept so every checkpoint of
@@ -111,7 +111,7 @@ class TopAFASAE(SAE):
         pre, f, target = self.code(x)
         x_hat = self.decode(f)
         rec = reconstruction_loss(x, x_hat)
-        # SPEC 2.6 L_AFA. The target is detached: the term should pull the code's norm to the input's, not move
+        # MATH §2.6 L_AFA. The target is detached: the term should pull the code's norm to the input's, not move
         # b_dec to shrink ‖z‖ toward whatever the code happens to be.
         f_norm = (f * self.decoder_norms()).norm(dim=-1)
         afa = (f_norm - target.detach()).pow(2).mean()

@@ -1,4 +1,4 @@
-"""TopK SAE with AuxK for dead latents (SPEC 2.4, Gao et al. 2024)."""
+"""TopK SAE with AuxK for dead latents (MATH §2.4, Gao et al. 2024)."""
 
 from __future__ import annotations
 
@@ -35,13 +35,13 @@ class TopKSAE(SAE):
     unit_norm_decoder = True
     cfg: TopKConfig
     decode_impl: DecodeImpl = "auto"
-    """Training decoder: `auto` picks the sparse kernel when k ≪ d_sae (sae/kernels.py); benchmarks force one."""
+    """Training decoder: `auto` picks the sparse kernel when k ≪ d_sae (kernels.py); benchmarks force one."""
 
     def encode(self, x: Tensor) -> Tensor:
         return self.activation(self.pre_acts(x))
 
     def activation(self, pre: Tensor) -> Tensor:
-        """f = ReLU(TopK_k(π)): keep the k largest pre-activations per row (SPEC 2.4)."""
+        """f = ReLU(TopK_k(π)): keep the k largest pre-activations per row (MATH §2.4)."""
         vals, idx = pre.topk(min(self.cfg.k, self.d_sae), dim=-1, sorted=False)
         return torch.zeros_like(pre).scatter_(-1, idx, torch.relu(vals))
 
@@ -49,7 +49,7 @@ class TopKSAE(SAE):
         pre = self.pre_acts(x)
         vals, idx = pre.topk(min(self.cfg.k, self.d_sae), dim=-1, sorted=False)
         vals = torch.relu(vals)
-        # x̂ from the k active rows only (SPEC 2.4 sparse decoder); same numbers as decode(activation(pre)).
+        # x̂ from the k active rows only (MATH §2.4 sparse decoder); same numbers as decode(activation(pre)).
         x_hat = decode_topk(vals, idx, self.W_dec, self.b_dec, self.decode_impl)
         # The dense code is for the trainer's L0 / dead-latent bookkeeping only, so it carries no graph.
         f = torch.zeros_like(pre).scatter_(-1, idx, vals.detach())

@@ -1,4 +1,4 @@
-"""Seed 2's evaluation of any SAE (SPEC 5.1): the approximate feature activation (AFA) relation ‖f̃‖ ≈ ‖z‖,
+"""Seed 2's evaluation of any SAE (MATH §5.1): the approximate feature activation (AFA) relation ‖f̃‖ ≈ ‖z‖,
 its error statistic ε_LBO, and decoder quasi-orthogonality."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ class AFAAccumulator:
     every row (16 bytes per row in all, for exact medians).
 
     z is the raw site activation (model units); f̃ = (f₁‖d₁‖, …, f_n‖d_n‖, ‖b_dec‖) with decoder norms in raw units,
-    the decoder bias counting as one always-on atom, and h = n (SPEC 5.1).
+    the decoder bias counting as one always-on atom, and h = n (MATH §5.1).
     """
 
     def __init__(self, sae: SAE, max_points: int = 20_000):
@@ -80,7 +80,7 @@ def decoder_cosines(W_dec: Tensor, max_pairs: int = 200_000, seed: int = 0) -> T
 
 
 def decoder_geometry(W_dec: Tensor, max_pairs: int = 200_000, cos: Tensor | None = None) -> dict[str, float]:
-    """Max, mean and 99th percentile of the off-diagonal |cos| of decoder rows (SPEC 5, 5.1)."""
+    """Max, mean and 99th percentile of the off-diagonal |cos| of decoder rows (MATH §5, §5.1)."""
     cos = decoder_cosines(W_dec, max_pairs) if cos is None else cos
     return {
         "decoder_cos_max": float(cos.max()),

@@ -1,5 +1,5 @@
 """Evaluate SAEs at one site of a model on held-out token windows: reconstruction, downstream CE or pooled cosine
-(SPEC 5), and seed 2's AFA measures (SPEC 5.1).
+(MATH §5), and seed 2's AFA measures (MATH §5.1).
 
 Passes over the eval windows: (1) only when mean ablation needs it and no mean is given, the forward pass up to the
 site, to take the eval-set mean; (2) the full model, clean, with the site zero-/mean-ablated and spliced with each
@@ -40,7 +40,7 @@ class SAEEvaluation(NamedTuple):
     """Everything evaluation measures for one SAE."""
 
     metrics: dict[str, float]
-    """Scalar metrics (SPEC 5, 5.1), reconstruction ones in the SAE's normalized units unless named `_raw`."""
+    """Scalar metrics (MATH §5, §5.1), reconstruction ones in the SAE's normalized units unless named `_raw`."""
     firing_frequency: Tensor
     """pᵢ of every latent over the eval rows, float64 [d_sae]."""
     l0_histogram: Tensor
@@ -51,7 +51,7 @@ class SAEEvaluation(NamedTuple):
 
 @torch.inference_mode()
 def eval_set_mean(model: nn.Module, token_batches: Iterable[Tensor], site: str) -> Tensor:
-    """Mean raw activation of `site` over positions 1..T-1 of every eval window (SPEC 5's mean ablation), float32."""
+    """Mean raw activation of `site` over positions 1..T-1 of every eval window (MATH §5's mean ablation), float32."""
     device = next(model.parameters()).device
     total: Tensor | None = None
     n = 0
@@ -99,7 +99,7 @@ def evaluate_saes(
     downstream: splice the SAEs into the model: next-token CE, KL and CE recovered against zero and mean ablation
     for LMs; cosine of the mean-pooled final hidden state and its recovered ratio against zero ablation for encoder
     models. `mean_activation` (raw units) overrides the eval-set mean used for mean ablation. `outlier_norm` drops
-    rows with a larger raw norm from the reconstruction and AFA metrics (SPEC 4.2) while splicing covers every
+    rows with a larger raw norm from the reconstruction and AFA metrics (MATH §4.2) while splicing covers every
     position.
     """
     device = next(model.parameters()).device

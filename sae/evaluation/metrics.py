@@ -1,4 +1,4 @@
-"""Evaluation metrics (SPEC 5). Ratios are aggregated over all tokens before dividing, never averaged per token."""
+"""Evaluation metrics (MATH §5). Ratios are aggregated over all tokens before dividing, never averaged per token."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ L0_QUANTILES = (0.1, 0.5, 0.9)
 
 
 class ReconstructionMetrics:
-    """Streaming accumulator over batches of rows (SPEC 5): MSE, FVU, cosine(x, x̂), the L0 distribution, every
+    """Streaming accumulator over batches of rows (MATH §5): MSE, FVU, cosine(x, x̂), the L0 distribution, every
     latent's firing frequency, dead/dense fractions and shrinkage γ.
 
-    x and x̂ arrive in the SAE's normalized units; `input_scale` (c, SPEC 4.1) converts MSE back to model units.
+    x and x̂ arrive in the SAE's normalized units; `input_scale` (c, MATH §4.1) converts MSE back to model units.
     """
 
     def __init__(self, d_sae: int, input_scale: float = 1.0):
@@ -42,17 +42,17 @@ class ReconstructionMetrics:
         self.l0_sum += float(per_row.sum())
         self.l0_hist += torch.bincount(per_row.cpu(), minlength=len(self.l0_hist)).double()
         self.fire_counts += active.sum(0).double().cpu()
-        # cosine(x, x̂) per row, a zero row counting as 0 (SPEC 5); the same in normalized and model units.
+        # cosine(x, x̂) per row, a zero row counting as 0 (MATH §5); the same in normalized and model units.
         norms = (x.norm(dim=-1) * x_hat.norm(dim=-1)).clamp_min(1e-30)
         self.cos_sum += float(((x * x_hat).sum(-1) / norms).sum())
-        # Shrinkage γ = E‖x̂‖² / E⟨x̂, x⟩ with both centred on b_dec (SPEC 5, seed 1's relative reconstruction bias).
+        # Shrinkage γ = E‖x̂‖² / E⟨x̂, x⟩ with both centred on b_dec (MATH §5, seed 1's relative reconstruction bias).
         c = b_dec.double() if b_dec is not None else 0.0
         xc, xhc = x - c, x_hat - c
         self.xhat_sq += float(xhc.pow(2).sum())
         self.xhat_dot_x += float((xhc * xc).sum())
 
     def firing_frequency(self) -> Tensor:
-        """pᵢ = fraction of rows with fᵢ > 0, for every latent (SPEC 5), float64 [d_sae]."""
+        """pᵢ = fraction of rows with fᵢ > 0, for every latent (MATH §5), float64 [d_sae]."""
         return self.fire_counts / max(self.n, 1)
 
     def l0_quantile(self, q: float) -> float:
@@ -87,13 +87,13 @@ class ReconstructionMetrics:
 
 
 def ce_loss_recovered(ce_clean: float, ce_spliced: float, ce_ablated: float) -> float:
-    """(CE_abl − CE_sae) / (CE_abl − CE_clean) (SPEC 5): 1 = as good as the clean model, 0 = as bad as ablation."""
+    """(CE_abl − CE_sae) / (CE_abl − CE_clean) (MATH §5): 1 = as good as the clean model, 0 = as bad as ablation."""
     denom = ce_ablated - ce_clean
     return (ce_ablated - ce_spliced) / denom if denom != 0 else float("nan")
 
 
 def cosine_recovered(cos_spliced: float, cos_zero: float) -> float:
-    """Encoder models (SPEC 5): (cos_sae − cos_zero) / (1 − cos_zero), cosines to the clean pooled embedding."""
+    """Encoder models (MATH §5): (cos_sae − cos_zero) / (1 − cos_zero), cosines to the clean pooled embedding."""
     denom = 1.0 - cos_zero
     return (cos_spliced - cos_zero) / denom if denom != 0 else float("nan")
 

@@ -43,7 +43,7 @@ def feature_density(freqs, title: str):
 
 
 def zf_plot(z_norms, f_norms, title: str, eps_times_h: tuple[float, ...] = (0.25, 0.5, 1.0)):
-    """Seed 2's ZF plot: ‖z‖ against ‖f̃‖ with y = x and the AFA bands y = x/√(1 ± c) (SPEC 5.1)."""
+    """Seed 2's ZF plot: ‖z‖ against ‖f̃‖ with y = x and the AFA bands y = x/√(1 ± c) (MATH §5.1)."""
     import numpy as np
 
     z, f = np.asarray(z_norms, float), np.asarray(f_norms, float)
@@ -67,7 +67,7 @@ def zf_plot(z_norms, f_norms, title: str, eps_times_h: tuple[float, ...] = (0.25
 
 
 def decoder_cosine_histogram(cosines, title: str):
-    """Histogram of |cos| between pairs of decoder rows (SPEC 5 decoder geometry), log-count axis."""
+    """Histogram of |cos| between pairs of decoder rows (MATH §5 decoder geometry), log-count axis."""
     import numpy as np
 
     cos = np.asarray(cosines, dtype=float)

@@ -79,7 +79,7 @@ class SyntheticActivations:
 
 # Name → spec: sparsity settings that land near the true L0 (~6) of the default instance (d 64, 128 features), lr
 # tuned for a few thousand steps. Shared by benchmarks/synthetic.py and tests/test_ground_truth.py. top-AFA appears
-# twice: with the reference code's L1 term, and exactly as SPEC 2.6 has it (no L1).
+# twice: with the reference code's L1 term, and exactly as MATH §2.6 has it (no L1).
 REFERENCE_SPECS: dict[str, dict] = {
     "relu": {"architecture": "relu", "l1_coefficient": 1.0, "lr": 3e-3},
     "gated": {"architecture": "gated", "l1_coefficient": 1.0, "lr": 3e-3},

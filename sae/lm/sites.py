@@ -16,9 +16,6 @@ from typing import Any
 
 from torch import Tensor, nn
 
-SITE_KINDS = ("resid_post", "mlp_out")
-_SITE_RE = re.compile(r"^(resid_post|mlp_out)\.(\d+)$")
-
 # Attribute paths of the block list, most specific first.
 _BLOCK_PATHS = (
     "transformer.h",  # GPT-2, GPT-J, Bloom
@@ -39,22 +36,90 @@ class SiteError(ValueError):
     """A site name that is malformed or does not exist in the model."""
 
 
+def _block_output(block: nn.Module) -> nn.Module:
+    return block
+
+
+def _block_mlp(block: nn.Module) -> nn.Module:
+    for path in _MLP_PATHS:
+        mod = _get_path(block, path)
+        if mod is not None:
+            return mod
+    raise SiteError(f"block {type(block).__name__} has none of the MLP submodules {_MLP_PATHS}")
+
+
 @dataclass(frozen=True)
+class SiteKind:
+    """One kind of site: where its module is inside a block, its TransformerLens hook, its order in the block."""
+
+    module: Callable[[nn.Module], nn.Module]
+    """Block → the module whose output *is* the site's activation."""
+    hook: str
+    """TransformerLens hook suffix (`blocks.L.<hook>`), the name SAELens records an SAE's input by."""
+    order: int
+    """Position of the activation within a block's forward pass (a capture stops after the last one)."""
+
+
+SITE_KINDS: dict[str, SiteKind] = {
+    "mlp_out": SiteKind(_block_mlp, "hook_mlp_out", 0),
+    "resid_post": SiteKind(_block_output, "hook_resid_post", 1),
+}
+"""The site kinds, by name. Adding one is adding a row here (and a case to tests/test_sites.py)."""
+_SITE_RE = re.compile(r"^(\w+)\.(\d+)$")
+_HOOK_RE = re.compile(r"^blocks\.(\d+)\.(hook_\w+)$")
+
+
+@dataclass(frozen=True, order=True)
 class Site:
-    kind: str
+    """An activation site, `<kind>.<layer>`: e.g. `resid_post.6` (block 6's output) or `mlp_out.3`.
+
+    Sites sort in forward-pass order (layer, then the kind's order within the block)."""
+
     layer: int
+    kind: str
+
+    def __post_init__(self) -> None:
+        if self.kind not in SITE_KINDS:
+            raise SiteError(f"unknown site kind {self.kind!r}: choose one of {sorted(SITE_KINDS)}")
 
     def __str__(self) -> str:
         return f"{self.kind}.{self.layer}"
 
+    @property
+    def depth(self) -> tuple[int, int]:
+        return (self.layer, SITE_KINDS[self.kind].order)
+
+    @classmethod
+    def parse(cls, name: str) -> Site:
+        m = _SITE_RE.match(name.strip())
+        if not m or m.group(1) not in SITE_KINDS:
+            raise SiteError(
+                f"bad site {name!r}: write '<kind>.<layer>' with kind in {tuple(SITE_KINDS)}, e.g. 'resid_post.6' "
+                "or 'mlp_out.3'"
+            )
+        return cls(int(m.group(2)), m.group(1))
+
+    def to_hook(self) -> str:
+        """TransformerLens hook name: `resid_post.L` → `blocks.L.hook_resid_post` (same tensor: the block's output),
+        `mlp_out.L` → `blocks.L.hook_mlp_out`."""
+        return f"blocks.{self.layer}.{SITE_KINDS[self.kind].hook}"
+
+    @classmethod
+    def from_hook(cls, hook_name: str | None) -> Site | None:
+        """The site a TransformerLens hook reads, or None if saeflow has no such site. `blocks.L.hook_resid_pre` is
+        `resid_post.(L−1)` (the same tensor); block 0's input is no site."""
+        m = _HOOK_RE.match(hook_name or "")
+        if not m:
+            return None
+        layer, hook = int(m.group(1)), m.group(2)
+        if hook == "hook_resid_pre":
+            return cls(layer - 1, "resid_post") if layer > 0 else None
+        kind = next((k for k, v in SITE_KINDS.items() if v.hook == hook), None)
+        return cls(layer, kind) if kind else None
+
 
 def parse_site(name: str) -> Site:
-    m = _SITE_RE.match(name.strip())
-    if not m:
-        raise SiteError(
-            f"bad site {name!r}: write '<kind>.<layer>' with kind in {SITE_KINDS}, e.g. 'resid_post.6' or 'mlp_out.3'"
-        )
-    return Site(m.group(1), int(m.group(2)))
+    return Site.parse(name)
 
 
 def _get_path(module: nn.Module, path: str) -> nn.Module | None:
@@ -86,14 +151,10 @@ def site_module(model: nn.Module, site: Site | str) -> nn.Module:
         raise SiteError(
             f"site {site} does not exist: {type(model).__name__} has {len(blocks)} blocks, layers 0..{len(blocks) - 1}"
         )
-    block = blocks[site.layer]
-    if site.kind == "resid_post":
-        return block
-    for path in _MLP_PATHS:
-        mod = _get_path(block, path)
-        if mod is not None:
-            return mod
-    raise SiteError(f"site {site}: block {type(block).__name__} has none of the MLP submodules {_MLP_PATHS}")
+    try:
+        return SITE_KINDS[site.kind].module(blocks[site.layer])
+    except SiteError as e:
+        raise SiteError(f"site {site}: {e}") from None
 
 
 def _hidden(output) -> Tensor:
@@ -116,7 +177,7 @@ def capture_sites(model: nn.Module, sites: list[str], stop_early: bool = True) -
     """
     captured: dict[str, Tensor] = {}
     parsed = [parse_site(s) for s in sites]
-    deepest = max(parsed, key=lambda s: (s.layer, s.kind == "resid_post"))
+    deepest = max(parsed, key=lambda s: s.depth)
     handles = []
 
     def hook_for(name: str, last: bool):
@@ -147,7 +208,7 @@ def run_to_sites(model: nn.Module, input_ids: Tensor, sites: list[str], **kwargs
 def splice_site(model: nn.Module, site: str, replace: Callable[[Tensor], Tensor], skip_first: int = 1):
     """Replace the site's activation by `replace(activation)` at every position from `skip_first` on.
 
-    Position 0 (BOS) is left alone (SPEC 5). `replace` maps [B, T', d] to [B, T', d] in the model's units.
+    Position 0 (BOS) is left alone (MATH §5). `replace` maps [B, T', d] to [B, T', d] in the model's units.
     """
 
     def hook(_mod, _inp, out):

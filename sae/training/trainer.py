@@ -1,8 +1,8 @@
-"""Training loop for a group of SAEs fed by one stream of activation batches (SPEC 3).
+"""Training loop for a group of SAEs fed by one stream of activation batches (MATH §3).
 
 Several SAEs share each batch, so a sweep reads the activations once. Every SAE has its own Adam optimizer,
 learning-rate schedule and dead-latent counters. `SAETrainer.state_dict()` is everything a resumed run needs
-(SPEC 3.4); writing it to disk is the storage layer's job.
+(MATH §3.4); writing it to disk is the storage layer's job.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ class TrainingConfig(BaseModel):
     batch_size: int = Field(4096, ge=1)
     """Activation rows per optimizer step."""
     lr_warmup: float = Field(0.02, ge=0, le=1)
-    """Fraction of steps over which the learning rate ramps linearly from 0 (SPEC 3.2)."""
+    """Fraction of steps over which the learning rate ramps linearly from 0 (MATH §3.2)."""
     lr_decay: float = Field(0.2, ge=0, le=1)
     """Fraction of steps at the end over which the learning rate decays linearly to 0."""
     grad_clip: float | None = Field(1.0, gt=0)
@@ -37,7 +37,7 @@ class TrainingConfig(BaseModel):
     seed: int = 0
     """Seeds SAE initialisation and batch shuffling."""
     dead_tokens: int | None = Field(None, ge=1)
-    """A latent is dead after this many tokens without firing; None = min(10M, total tokens / 4) (SPEC 2.4)."""
+    """A latent is dead after this many tokens without firing; None = min(10M, total tokens / 4) (MATH §2.4)."""
     log_every: int = Field(10, ge=1)
     """Report step metrics every this many steps."""
     device: str = "auto"
@@ -45,12 +45,12 @@ class TrainingConfig(BaseModel):
     autocast: Literal["auto", "off", "bf16", "fp16"] = "auto"
     """Mixed precision on GPU; auto = bf16 on CUDA, off on CPU."""
     checkpoint_every_tokens: int | None = Field(None, ge=1)
-    """Save a resumable training state every this many tokens (SPEC 3.4); None saves none."""
+    """Save a resumable training state every this many tokens (MATH §3.4); None saves none."""
 
 
 @torch.no_grad()
 def geometric_median(points: Tensor, iters: int = 100, eps: float = 1e-6) -> Tensor:
-    """Weiszfeld's algorithm (SPEC 3.1): the point minimising the sum of Euclidean distances."""
+    """Weiszfeld's algorithm (MATH §3.1): the point minimising the sum of Euclidean distances."""
     median = points.mean(0)
     for _ in range(iters):
         w = 1.0 / (points - median).norm(dim=1).clamp_min(eps)
@@ -100,7 +100,7 @@ class SAETrainer:
             self.schedulers.append(
                 torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(self.total_steps, cfg.lr_warmup, cfg.lr_decay))
             )
-        # Tokens since each latent last fired (SPEC 3.3), counted in tokens, never steps.
+        # Tokens since each latent last fired (MATH §3.3), counted in tokens, never steps.
         self.tokens_since_fired = [torch.zeros(s.d_sae, dtype=torch.long, device=self.device) for s in saes]
 
     def autocast_dtype(self) -> torch.dtype | None:
@@ -152,7 +152,7 @@ class SAETrainer:
         self.tokens_seen += x.shape[0]
         return stats
 
-    # ----- resume (SPEC 3.4) ----------------------------------------------------------------------------------
+    # ----- resume (MATH §3.4) ----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """Everything a resumed run needs to continue bit-for-bit: weights, optimizer and scheduler states,
         dead counters, step and token counts, torch RNG. Tensors are returned as they are (any device)."""

@@ -1,0 +1,40 @@
+"""Where saeflow keeps things: plain identities in, locations out. The only place that names store paths.
+
+    <store>/tokens/<hash of the token store's identity>        Zarr token store (storage/tokens.py)
+    <store>/activations/<hash of the activation identity>      Zarr activation store (storage/activations.py)
+    <root>/checkpoints/<hash of the training group>/           safetensors checkpoints (storage/checkpoints.py)
+    <root>/mlartifacts/                                        MLflow artifacts of the default SQLite store
+    <root>/mlflow.db                                           the default MLflow tracking store
+
+`<store>` defaults to `<root>/store` and may be an fsspec URL (s3://…); `<root>` is the config's local root.
+Identities are JSON-able dicts: equal identities give the same location, so a finished store is found again.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from saeflow.storage.zarr_io import config_hash, join
+
+
+def token_store_url(store_url: str, identity: dict[str, Any]) -> str:
+    return join(store_url, "tokens", config_hash(identity))
+
+
+def activation_store_url(store_url: str, identity: dict[str, Any]) -> str:
+    return join(store_url, "activations", config_hash(identity))
+
+
+def checkpoint_key(identity: dict[str, Any]) -> str:
+    return config_hash(identity)
+
+
+def checkpoint_url(root: str, key: str) -> str:
+    return os.path.join(root, "checkpoints", key)
+
+
+def local_artifact_location(root: str) -> str:
+    """MLflow artifact root beside the default SQLite store; creates `root` so the store can be opened."""
+    os.makedirs(root, exist_ok=True)
+    return "file://" + os.path.abspath(os.path.join(root, "mlartifacts"))
