@@ -10,14 +10,59 @@ import hashlib
 import logging
 import math
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import dask
 import dask.array as da
 import numpy as np
+from pydantic import BaseModel, ConfigDict
 
 from saeflow.storage.activations import ActivationStoreRef
-from saeflow.storage.zarr_io import open_group
+from saeflow.storage.zarr_io import array, open_group
+
+
+class SiteStats(BaseModel):
+    """Normalization statistics of one site (MATH §4.1, §4.2), as stored with its activations (JSON round trip:
+    `model_dump(mode="json")` / `model_validate`). Every mean is over the rows kept, i.e. outlier rows left out."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    n_rows: int
+    """Rows in the store."""
+    n_rows_used: int
+    """Rows kept (not outliers): the statistics' sample and the default training budget."""
+    d_model: int
+    mean: list[float]
+    """Per-dimension mean, raw units."""
+    var: list[float]
+    """Per-dimension variance, raw units."""
+    mean_var: float
+    mean_norm: float
+    """E‖x‖ over kept rows, raw units."""
+    median_norm: float
+    """Median ‖x‖ over all rows: the outlier threshold's reference."""
+    mean_sq_norm: float
+    normalize: str
+    """The normalization the scale was computed for (`expected_norm`, `unit_mean_square`, `none`)."""
+    scale: float
+    """c with E‖c·x‖ = √d (`expected_norm`), E‖c·x‖² = 1 (`unit_mean_square`) or 1 (`none`)."""
+    outlier_norm_ratio: float | None
+    outlier_norm_threshold: float | None
+    """Raw row norm above which a row is an outlier; None when outliers are kept."""
+    n_outliers: int
+    outlier_energy_fraction: float
+    """Share of Σ‖x‖² carried by the outlier rows."""
+    outlier_positions: list[int]
+    """Token positions (1..T-1) where outliers occur, at most 100 distinct."""
+    content_hash: str
+    """Hash of the site's activation bytes, chunk by chunk: what the statistics describe."""
+
+
+class ComputedStats(NamedTuple):
+    """What `compute_site_stats` returns: the statistics and the outlier row indices they left out."""
+
+    stats: SiteStats
+    outlier_rows: np.ndarray
 
 
 @contextlib.contextmanager
@@ -48,7 +93,7 @@ def _chunk_hash(block: np.ndarray) -> np.ndarray:
 
 def compute_site_stats(
     ref: ActivationStoreRef, site: str, outlier_norm_ratio: float | None = 10.0, normalize: str = "expected_norm"
-) -> dict[str, Any]:
+) -> ComputedStats:
     """Mean, variance, mean L2 norm and the normalization scale of one site, outlier rows excluded.
 
     Runs on whatever Dask client is current (see `dask_client`). The scale c makes E‖c·x‖ = √d for
@@ -82,36 +127,39 @@ def compute_site_stats(
     }[normalize]
     energy = norms**2
     positions = (outliers % ref.rows_per_window + 1).tolist()  # +1: row 0 of a window is token position 1
-    return {
-        "n_rows": len(norms),
-        "n_rows_used": n,
-        "d_model": int(d),
-        "mean": mean.tolist(),
-        "var": var.tolist(),
-        "mean_var": float(var.mean()),
-        "mean_norm": mean_norm,
-        "median_norm": median,
-        "mean_sq_norm": mean_sq_norm,
-        "normalize": normalize,
-        "scale": scale,
-        "outlier_norm_ratio": outlier_norm_ratio,
-        "outlier_norm_threshold": None if outlier_norm_ratio is None else outlier_norm_ratio * median,
-        "n_outliers": len(outliers),
-        "outlier_energy_fraction": float(energy[outliers].sum() / energy.sum()) if len(outliers) else 0.0,
-        "outlier_positions": sorted(set(positions))[:100],
-        "content_hash": hashlib.sha256("".join(hashes.tolist()).encode()).hexdigest(),
-        "_outlier_rows": outliers,
-    }
+    stats = SiteStats(
+        n_rows=len(norms),
+        n_rows_used=n,
+        d_model=int(d),
+        mean=mean.tolist(),
+        var=var.tolist(),
+        mean_var=float(var.mean()),
+        mean_norm=mean_norm,
+        median_norm=median,
+        mean_sq_norm=mean_sq_norm,
+        normalize=normalize,
+        scale=scale,
+        outlier_norm_ratio=outlier_norm_ratio,
+        outlier_norm_threshold=None if outlier_norm_ratio is None else outlier_norm_ratio * median,
+        n_outliers=len(outliers),
+        outlier_energy_fraction=float(energy[outliers].sum() / energy.sum()) if len(outliers) else 0.0,
+        outlier_positions=sorted(set(positions))[:100],
+        content_hash=hashlib.sha256("".join(hashes.tolist()).encode()).hexdigest(),
+    )
+    return ComputedStats(stats, outliers)
 
 
-def save_site_stats(ref: ActivationStoreRef, site: str, stats: dict[str, Any]) -> None:
+def save_site_stats(ref: ActivationStoreRef, site: str, stats: SiteStats, outlier_rows: np.ndarray) -> None:
+    """Store the statistics as `<site>/acts`' `stats` attribute and the outlier rows as `<site>/outlier_rows`
+    (rows first: statistics present means their outlier rows are too)."""
     g = open_group(ref.url, mode="a")
-    rows = stats.pop("_outlier_rows")
+    rows = np.asarray(outlier_rows, dtype=np.int64)
     a = g.require_group(site).create_array("outlier_rows", shape=rows.shape, dtype="int64", overwrite=True)
     if len(rows):
         a[:] = rows
-    g[f"{site}/acts"].attrs["stats"] = stats
+    array(g, f"{site}/acts").attrs["stats"] = stats.model_dump(mode="json")
 
 
-def load_site_stats(ref: ActivationStoreRef, site: str) -> dict[str, Any] | None:
-    return dict(ref.array(site).attrs).get("stats")
+def load_site_stats(ref: ActivationStoreRef, site: str) -> SiteStats | None:
+    saved = dict(ref.array(site).attrs).get("stats")
+    return None if saved is None else SiteStats.model_validate(saved)

@@ -20,6 +20,7 @@ from saeflow.sae.evaluation.latents import (
     windows_needed,
 )
 from saeflow.sae.lm.models import LoadedModel
+from saeflow.storage.stats import SiteStats
 from saeflow.storage.tokens import TokenStoreRef, iter_window_batches, read_windows
 from saeflow.storage.tracking import log_evaluation
 from saeflow.tasks.common import TrainedSAE, loaded_model, prefect_run_tags, run_logger, tracker
@@ -83,14 +84,14 @@ def _summary(m: dict[str, float]) -> str:
 
 @task(name="evaluate", cache_policy=NO_CACHE)
 def evaluate_site_saes(
-    cfg: PipelineConfig, tokens: TokenStoreRef, stats: dict[str, Any], site: str, trained: list[TrainedSAE]
+    cfg: PipelineConfig, tokens: TokenStoreRef, stats: SiteStats, site: str, trained: list[TrainedSAE]
 ) -> dict[str, dict[str, float]]:
     """Metrics of every SAE of `site` on the held-out windows, logged to each SAE's run, which is then closed."""
     log = run_logger()
     tr = tracker(cfg)
     lm = loaded_model(cfg)
     saes = {t.label: tr.load_logged_sae(t.run_id, lm.device) for t in trained}
-    evals = run_evaluation(lm, tokens, site, saes, cfg.eval, stats.get("outlier_norm_threshold"))
+    evals = run_evaluation(lm, tokens, site, saes, cfg.eval, stats.outlier_norm_threshold)
     reports = latent_reports(lm, tokens, site, saes, evals, cfg.eval) if cfg.eval.latent_report else {}
     for t in trained:
         ev = evals[t.label]

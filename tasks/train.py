@@ -23,6 +23,7 @@ from saeflow.storage import layout
 from saeflow.storage.activations import ActivationStoreRef, iter_training_batches, sample_rows, training_buffer_bytes
 from saeflow.storage.checkpoints import clear_training_state, load_training_state, save_training_state
 from saeflow.storage.registry import CHALLENGER
+from saeflow.storage.stats import SiteStats
 from saeflow.storage.tracking import code_version, open_sae_runs, publish_sae, registered_model_name
 from saeflow.storage.zarr_io import config_hash
 from saeflow.tasks.common import TrainedSAE, model_identity, prefect_run_tags, run_logger, tracker
@@ -75,7 +76,7 @@ def checkpoint_location(
 def train_site_saes(
     cfg: PipelineConfig,
     acts: ActivationStoreRef,
-    stats: dict[str, Any],
+    stats: SiteStats,
     site: str,
     specs: list[SAEConfig],
     parent_run_id: str,
@@ -94,8 +95,8 @@ def train_site_saes(
     group = f"train {site} [{', '.join(s.label() for s in specs)}]"
     check_training_memory(est, pick_device(t.device), group)
     tr = tracker(cfg)
-    scale = float(stats["scale"])
-    total = t.tokens or stats["n_rows_used"]
+    scale = stats.scale
+    total = t.tokens or stats.n_rows_used
     ckpt_dir, identity = checkpoint_location(cfg, acts, site, specs, scale, total)
     ckpt = load_training_state(ckpt_dir)
     if ckpt is not None and ckpt.extra.get("identity") != identity:
@@ -163,9 +164,9 @@ def train_site_saes(
     meta = {
         "site": site,
         "model": model_identity(cfg),
-        "normalize": stats["normalize"],
+        "normalize": stats.normalize,
         "input_scale": scale,
-        "outlier_norm_threshold": stats.get("outlier_norm_threshold"),
+        "outlier_norm_threshold": stats.outlier_norm_threshold,
         "activation_store": acts.url,
         "data_hash": data_hash,
     }

@@ -17,7 +17,7 @@ from saeflow.sae.training import TrainingConfig, TrainingMemoryError, train_saes
 from saeflow.storage import checkpoints
 from saeflow.storage.activations import ActivationStoreRef, ActivationWriter, TrainingBatches, sample_rows
 from saeflow.storage.checkpoints import load_training_state, save_training_state
-from saeflow.storage.stats import save_site_stats
+from saeflow.storage.stats import SiteStats, compute_site_stats, save_site_stats
 
 D, CHUNKS_PER_BUFFER, TOTAL = 32, 3, 1200
 CFG = TrainingConfig(batch_size=32, log_every=1, checkpoint_every_tokens=200, dead_tokens=128, device="cpu")
@@ -64,7 +64,8 @@ def store(tmp_path_factory) -> ActivationStoreRef:
     w = ActivationWriter(url, ["s"], 48, 15, D, "float32", {"test": "resume"}, {}, target_chunk_rows=60)
     w.add({"s": x})
     ref = w.finish()
-    save_site_stats(ref, "s", {"_outlier_rows": np.array([3, 100, 401, 650]), "content_hash": "resume-test"})
+    stats = compute_site_stats(ref, "s").stats.model_copy(update={"content_hash": "resume-test"})
+    save_site_stats(ref, "s", stats, np.array([3, 100, 401, 650]))
     return ref
 
 
@@ -200,7 +201,25 @@ def pipeline_config(root: str, **train):
     )
 
 
-STATS = {"scale": 1.0, "n_rows_used": 716, "normalize": "none"}
+STATS = SiteStats(  # what the train task reads: scale, the row budget, the normalization; the rest is filler
+    n_rows=720,
+    n_rows_used=716,
+    d_model=D,
+    mean=[0.0] * D,
+    var=[1.0] * D,
+    mean_var=1.0,
+    mean_norm=1.0,
+    median_norm=1.0,
+    mean_sq_norm=1.0,
+    normalize="none",
+    scale=1.0,
+    outlier_norm_ratio=None,
+    outlier_norm_threshold=None,
+    n_outliers=4,
+    outlier_energy_fraction=0.0,
+    outlier_positions=[],
+    content_hash="resume-test",
+)
 
 
 def test_too_large_a_group_fails_before_building_anything_with_one_line_naming_the_fix(store, tmp_path):

@@ -28,31 +28,31 @@ def test_dask_stats_equal_numpy(store):
     ref, x, outliers = store
     with dask_client(n_workers=2) as client:
         assert len(client.scheduler_info()["workers"]) == 2
-        st = compute_site_stats(ref, "s", outlier_norm_ratio=10.0, normalize="expected_norm")
+        st, outlier_rows = compute_site_stats(ref, "s", outlier_norm_ratio=10.0, normalize="expected_norm")
     x64 = x.astype(np.float64)
     norms = np.linalg.norm(x64, axis=1)
     keep = norms <= 10.0 * np.median(norms)
-    np.testing.assert_array_equal(st["_outlier_rows"], np.flatnonzero(~keep))
+    np.testing.assert_array_equal(outlier_rows, np.flatnonzero(~keep))
     np.testing.assert_array_equal(np.flatnonzero(~keep), outliers)
-    np.testing.assert_allclose(st["mean"], x64[keep].mean(0), rtol=1e-10)
-    np.testing.assert_allclose(st["var"], x64[keep].var(0), rtol=1e-8)
-    assert st["mean_norm"] == pytest.approx(norms[keep].mean(), rel=1e-12)
-    assert st["median_norm"] == pytest.approx(np.median(norms), rel=1e-12)
-    assert st["scale"] == pytest.approx(math.sqrt(x.shape[1]) / norms[keep].mean(), rel=1e-12)
-    assert st["n_rows_used"] == keep.sum() and st["n_outliers"] == 4
+    np.testing.assert_allclose(st.mean, x64[keep].mean(0), rtol=1e-10)
+    np.testing.assert_allclose(st.var, x64[keep].var(0), rtol=1e-8)
+    assert st.mean_norm == pytest.approx(norms[keep].mean(), rel=1e-12)
+    assert st.median_norm == pytest.approx(np.median(norms), rel=1e-12)
+    assert st.scale == pytest.approx(math.sqrt(x.shape[1]) / norms[keep].mean(), rel=1e-12)
+    assert st.n_rows_used == keep.sum() and st.n_outliers == 4
     energy = norms**2
-    assert st["outlier_energy_fraction"] == pytest.approx(energy[~keep].sum() / energy.sum(), rel=1e-12)
-    assert st["outlier_positions"] == sorted({int(r % 15) + 1 for r in outliers})
+    assert st.outlier_energy_fraction == pytest.approx(energy[~keep].sum() / energy.sum(), rel=1e-12)
+    assert st.outlier_positions == sorted({int(r % 15) + 1 for r in outliers})
 
 
 def test_unit_mean_square_scale_and_training_batches_skip_outliers(store):
     ref, x, outliers = store
     with dask_client(n_workers=1):
-        st = compute_site_stats(ref, "s", outlier_norm_ratio=10.0, normalize="unit_mean_square")
+        st, outlier_rows = compute_site_stats(ref, "s", outlier_norm_ratio=10.0, normalize="unit_mean_square")
     keep = np.ones(len(x), bool)
     keep[outliers] = False
-    assert st["scale"] == pytest.approx(1 / math.sqrt((x[keep].astype(np.float64) ** 2).sum(1).mean()), rel=1e-10)
-    save_site_stats(ref, "s", st)
+    assert st.scale == pytest.approx(1 / math.sqrt((x[keep].astype(np.float64) ** 2).sum(1).mean()), rel=1e-10)
+    save_site_stats(ref, "s", st, outlier_rows)
     batches = iter_training_batches(ref, "s", batch_size=100, scale=1.0, seed=3)
     seen = np.concatenate([next(batches).numpy() for _ in range(keep.sum() // 100)])
     # The first epoch's batches are distinct kept rows: no outlier, no repeat.
@@ -67,12 +67,12 @@ def test_stats_on_an_existing_scheduler_match_the_local_cluster(store):
 
     ref, _x, _ = store
     with dask_client(n_workers=1):
-        local = compute_site_stats(ref, "s")
+        local = compute_site_stats(ref, "s").stats
     with (
         LocalCluster(n_workers=1, threads_per_worker=1, dashboard_address=":0") as cluster,
         dask_client(address=cluster.scheduler_address) as client,
     ):
         assert client.scheduler.address == cluster.scheduler_address
-        remote = compute_site_stats(ref, "s")
-    assert remote["content_hash"] == local["content_hash"]
-    assert remote["scale"] == local["scale"] and remote["mean"] == local["mean"]
+        remote = compute_site_stats(ref, "s").stats
+    assert remote.content_hash == local.content_hash
+    assert remote.scale == local.scale and remote.mean == local.mean
