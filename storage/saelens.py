@@ -33,7 +33,7 @@ from saeflow.sae.architectures.base import SAE
 from saeflow.sae.architectures.batchtopk import BatchTopKSAE
 from saeflow.sae.architectures.gated import GatedConfig
 from saeflow.sae.architectures.jumprelu import JumpReLUConfig
-from saeflow.sae.architectures.registry import build_sae
+from saeflow.sae.architectures.registry import ARCHITECTURES, build_sae
 from saeflow.sae.architectures.relu import ReLUConfig
 from saeflow.sae.architectures.topk import TopKConfig
 from saeflow.sae.lm.sites import Site
@@ -44,20 +44,10 @@ ACTIVATION_SCALER = "activation_scaler.json"  # SAELens' ACTIVATION_SCALER_CFG_F
 SAELENS_FORMAT_VERSION = "6.54.12"
 """The SAELens release whose format this module writes; stored as metadata.sae_lens_version."""
 
-# saeflow architecture → SAELens inference architecture. BatchTopK and Matryoshka infer with one shared threshold,
-# f = π·1[π > θ], which SAELens itself saves as a JumpReLU with θ repeated per latent (BatchTopKTrainingSAE).
 EXPORT_ARCHITECTURE = {
-    "relu": "standard",
-    "topk": "topk",
-    "gated": "gated",
-    "jumprelu": "jumprelu",
-    "batchtopk": "jumprelu",
-    "matryoshka": "jumprelu",
+    name: cls.saelens_architecture for name, cls in ARCHITECTURES.items() if cls.saelens_architecture
 }
-_NOT_EXPORTABLE = {
-    "topafa": "top-AFA picks how many latents fire from ‖x − b_dec‖ per row (MATH §2.6); no SAELens architecture "
-    "computes that, and a fixed k or threshold would change its codes",
-}
+"""Registered architecture → the SAELens architecture it exports as (each SAE class says, `saelens_architecture`)."""
 
 
 class SAELensFormatError(ValueError):
@@ -75,18 +65,14 @@ def hook_name_for_site(site: str) -> str:
 def saelens_state(sae: SAE) -> tuple[str, dict[str, Tensor], dict[str, Any]]:
     """(SAELens architecture, its state_dict with c folded in, architecture-specific cfg fields). Pure torch."""
     arch = sae.cfg.architecture
-    if arch in _NOT_EXPORTABLE:
-        raise SAELensFormatError(f"cannot export a {arch!r} SAE to SAELens: {_NOT_EXPORTABLE[arch]}")
-    if arch not in EXPORT_ARCHITECTURE:
-        raise SAELensFormatError(
-            f"no SAELens export for architecture {arch!r}; exportable: {sorted(EXPORT_ARCHITECTURE)}"
-        )
+    target = type(sae).saelens_architecture
+    if target is None:
+        raise SAELensFormatError(f"cannot export a {arch!r} SAE to SAELens: {type(sae).saelens_unsupported}")
     # Fold in float64: a float64 export keeps every bit of c·W, and narrower exports round once, at the cast.
     c = float(sae.input_scale)
     p = {k: v.detach().double().cpu() for k, v in sae.named_parameters()}
     out = {"W_enc": p["W_enc"] * c, "W_dec": p["W_dec"] / c, "b_dec": p["b_dec"] / c}
     fields: dict[str, Any] = {}
-    target = EXPORT_ARCHITECTURE[arch]
     if target == "gated":
         out.update(b_gate=p["b_enc"], b_mag=p["b_mag"], r_mag=p["r_mag"])  # saeflow's b_enc is the gate bias
     else:

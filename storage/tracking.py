@@ -362,7 +362,7 @@ def publish_sae(
             run_id, ckpt, sae.d_in, sae.d_sae, {k: str(v) for k, v in tags.items() if k in ("site", "architecture")}
         )
     if curves is not None:
-        tr.client.log_figure(run_id, curves, "plots/training_curves.png")
+        tr.log_figure(run_id, curves, "plots/training_curves.png")
     version = tr.register(
         name,
         run_id,
@@ -404,54 +404,25 @@ def code_version() -> str | None:
 def log_evaluation(
     tr: Tracker,
     run_id: str,
-    site: str,
-    label: str,
-    sae,
-    ev,
-    tokens,
+    metrics: dict[str, float],
+    record: dict[str, Any],
+    firing_frequency: Any,
+    figures: dict[str, Any],
     report: str | None = None,
-    extra: dict[str, Any] | None = None,
 ) -> None:
-    """Metrics (`eval/...`), eval/metrics.json, eval/firing_frequency.npy, plots/*.png and reports/latents.html."""
+    """Write an evaluation as handed over: metrics (`eval/...`), `eval/metrics.json` (`record`),
+    `eval/firing_frequency.npy`, each figure at its artifact path (closed after), and `reports/latents.html`."""
     import matplotlib.pyplot as plt
     import numpy as np
 
-    from saeflow.sae.evaluation.afa import decoder_cosines
-    from saeflow.sae.evaluation.evaluate import POSITIONS_NOTE
-    from saeflow.sae.evaluation.plots import decoder_cosine_histogram, feature_density, zf_plot
-
-    m = ev.metrics
-    tr.log_metrics(run_id, m, prefix="eval/")
-    hist = ev.l0_histogram.tolist()
-    while len(hist) > 1 and hist[-1] == 0:
-        hist.pop()
-    tr.log_dict(
-        run_id,
-        {
-            "site": site,
-            "metrics": m,
-            "positions": POSITIONS_NOTE,
-            "eval_windows": tokens.n_eval,
-            "context_size": tokens.context_size,
-            "l0_histogram": [int(c) for c in hist],
-            **(extra or {}),
-        },
-        "eval/metrics.json",
-    )
+    tr.log_metrics(run_id, metrics, prefix="eval/")
+    tr.log_dict(run_id, record, "eval/metrics.json")
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "firing_frequency.npy")
-        np.save(path, ev.firing_frequency.numpy())
+        np.save(path, np.asarray(firing_frequency))
         tr.log_artifact(run_id, path, "eval")
-    title = f"{site} · {label}"
-    figs = {
-        "plots/feature_density.png": feature_density(ev.firing_frequency.numpy(), title),
-        "plots/decoder_cosines.png": decoder_cosine_histogram(decoder_cosines(sae.W_dec).numpy(), title),
-    }
-    if ev.afa is not None:
-        z, f = ev.afa.points()
-        figs["plots/zf.png"] = zf_plot(z.numpy(), f.numpy(), title)
-    for name, fig in figs.items():
-        tr.client.log_figure(run_id, fig, name)
+    for name, fig in figures.items():
+        tr.log_figure(run_id, fig, name)
         plt.close(fig)
     if report is not None:
-        tr.client.log_text(run_id, report, "reports/latents.html")
+        tr.log_text(run_id, report, "reports/latents.html")

@@ -22,7 +22,7 @@ from saeflow.sae.evaluation.latents import (
 from saeflow.sae.lm.models import LoadedModel
 from saeflow.storage.stats import SiteStats
 from saeflow.storage.tokens import TokenStoreRef, iter_window_batches, read_windows
-from saeflow.storage.tracking import log_evaluation
+from saeflow.storage.tracking import Tracker, log_evaluation
 from saeflow.tasks.common import TrainedSAE, loaded_model, prefect_run_tags, run_logger, tracker
 from saeflow.tasks.sae_reference import SAEReference, load_reference
 
@@ -82,6 +82,21 @@ def _summary(m: dict[str, float]) -> str:
     return ", ".join(f"{k} {m[k]:.4g}" for k in SUMMARY_KEYS if k in m)
 
 
+def _log(
+    tr: Tracker,
+    run_id: str,
+    site: str,
+    label: str,
+    ev: SAEEvaluation,
+    tokens: TokenStoreRef,
+    report: str | None,
+    extra: dict[str, str] | None = None,
+) -> None:
+    record = {**ev.record(site, tokens.n_eval, tokens.context_size), **(extra or {})}
+    figures = ev.figures(f"{site} · {label}")
+    log_evaluation(tr, run_id, ev.metrics, record, ev.firing_frequency.numpy(), figures, report)
+
+
 @task(name="evaluate", cache_policy=NO_CACHE)
 def evaluate_site_saes(
     cfg: PipelineConfig, tokens: TokenStoreRef, stats: SiteStats, site: str, trained: list[TrainedSAE]
@@ -95,7 +110,7 @@ def evaluate_site_saes(
     reports = latent_reports(lm, tokens, site, saes, evals, cfg.eval) if cfg.eval.latent_report else {}
     for t in trained:
         ev = evals[t.label]
-        log_evaluation(tr, t.run_id, site, t.label, saes[t.label], ev, tokens, reports.get(t.label))
+        _log(tr, t.run_id, site, t.label, ev, tokens, reports.get(t.label))
         tr.end_run(t.run_id)
         log.info(f"evaluate {site}/{t.label}: {_summary(ev.metrics)}")
     return {k: v.metrics for k, v in evals.items()}
@@ -142,17 +157,8 @@ def evaluate_sae_reference(cfg: PipelineConfig, tokens: TokenStoreRef, ref: SAER
         evals = run_evaluation(lm, tokens, ref.site, saes, cfg.eval, ref.outlier_norm)
         reports = latent_reports(lm, tokens, ref.site, saes, evals, cfg.eval) if cfg.eval.latent_report else {}
         ev = evals[ref.label]
-        log_evaluation(
-            tr,
-            run_id,
-            ref.site,
-            ref.label,
-            sae,
-            ev,
-            tokens,
-            reports.get(ref.label),
-            extra={"sae_reference": ref.source, "sae_format": ref.kind},
-        )
+        extra = {"sae_reference": ref.source, "sae_format": ref.kind}
+        _log(tr, run_id, ref.site, ref.label, ev, tokens, reports.get(ref.label), extra)
     except BaseException:
         tr.end_run(run_id, "FAILED")
         raise

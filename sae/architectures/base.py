@@ -82,6 +82,10 @@ class SAE(nn.Module):
     """Decoder rows kept at unit norm (parallel gradients removed, rows renormalised after each step). A class
     default that an architecture may override per instance from its config (relu's `l1_form`, gated, jumprelu)."""
     input_scale: Tensor  # buffer: multiplies raw activations into the SAE's training units
+    saelens_architecture: ClassVar[str | None] = None
+    """The SAELens inference architecture this SAE exports as (`standard`, `topk`, `gated`, `jumprelu`); None
+    when SAELens cannot represent it (then `saelens_unsupported` says why). storage/saelens.py does the export."""
+    saelens_unsupported: ClassVar[str] = "it declares no SAELens architecture"
 
     def __init__(self, cfg: SAEConfig, d_in: int):
         super().__init__()

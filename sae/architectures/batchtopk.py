@@ -35,6 +35,9 @@ class BatchTopKSAE(TopKSAE):
 
     config_class = BatchTopKConfig
     cfg: BatchTopKConfig
+    # Inference is f = π·1[π > θ] with one shared θ, which SAELens itself saves as a JumpReLU with θ repeated per
+    # latent (its BatchTopKTrainingSAE); Matryoshka inherits this.
+    saelens_architecture = "jumprelu"
 
     threshold: Tensor
     threshold_updates: Tensor

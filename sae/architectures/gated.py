@@ -41,6 +41,7 @@ class GatedSAE(SAE):
     """f = 1[π_gate > 0] ⊙ ReLU(π_mag); W_enc = W_gate, b_enc = b_gate, W_mag = W_gate ⊙ exp(r_mag)."""
 
     config_class = GatedConfig
+    saelens_architecture = "gated"
     cfg: GatedConfig
 
     def __init__(self, cfg: GatedConfig, d_in: int):

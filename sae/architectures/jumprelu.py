@@ -97,6 +97,7 @@ class JumpReLUConfig(SAEConfig):
 @register("jumprelu")
 class JumpReLUSAE(SAE):
     config_class = JumpReLUConfig
+    saelens_architecture = "jumprelu"
     cfg: JumpReLUConfig
 
     def __init__(self, cfg: JumpReLUConfig, d_in: int):

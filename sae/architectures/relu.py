@@ -31,6 +31,7 @@ class ReLUConfig(SAEConfig):
 @register("relu")
 class ReLUSAE(SAE):
     config_class = ReLUConfig
+    saelens_architecture = "standard"
     cfg: ReLUConfig
 
     def __init__(self, cfg: ReLUConfig, d_in: int):

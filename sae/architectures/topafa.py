@@ -76,7 +76,11 @@ def afa_select(a: Tensor, d_norm: Tensor, target: Tensor, how: str = "nearest") 
 @register("topafa")
 class TopAFASAE(SAE):
     config_class = TopAFAConfig
-    unit_norm_decoder = True  # MATH §2.6: the AFA bound assumes unit-norm rows
+    unit_norm_decoder = True
+    saelens_unsupported = (
+        "top-AFA picks how many latents fire from ‖x − b_dec‖ per row (MATH §2.6); no SAELens architecture computes "
+        "that, and a fixed k or threshold would change its codes"
+    )  # MATH §2.6: the AFA bound assumes unit-norm rows
     cfg: TopAFAConfig
 
     # Base init already gives unit decoder rows and W_enc = W_decᵀ, the init MATH §2.6 asks for.

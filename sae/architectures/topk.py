@@ -32,6 +32,7 @@ class TopKConfig(SAEConfig):
 @register("topk")
 class TopKSAE(SAE):
     config_class = TopKConfig
+    saelens_architecture = "topk"
     unit_norm_decoder = True
     cfg: TopKConfig
     decode_impl: DecodeImpl = "auto"

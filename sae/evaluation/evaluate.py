@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Iterable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from saeflow.sae.architectures.base import SAE
-from saeflow.sae.evaluation.afa import AFAAccumulator, decoder_geometry
+from saeflow.sae.evaluation.afa import AFAAccumulator, decoder_cosines, decoder_geometry
 from saeflow.sae.evaluation.metrics import (
     ReconstructionMetrics,
     ce_loss_recovered,
@@ -47,6 +47,35 @@ class SAEEvaluation(NamedTuple):
     """Rows with exactly k active latents, k = 0..d_sae."""
     afa: AFAAccumulator | None
     """‖z‖/‖f̃‖ points and ε_LBO values, when AFA was asked for."""
+    decoder_cosines: Tensor
+    """|cos| of a fixed sample of decoder-row pairs (`afa.decoder_cosines`): the geometry metrics' sample."""
+
+    def record(self, site: str, n_eval_windows: int, context_size: int) -> dict[str, Any]:
+        """The evaluation as one JSON document (`eval/metrics.json`): metrics, positions used, the L0 histogram."""
+        hist = self.l0_histogram.tolist()
+        while len(hist) > 1 and hist[-1] == 0:
+            hist.pop()
+        return {
+            "site": site,
+            "metrics": self.metrics,
+            "positions": POSITIONS_NOTE,
+            "eval_windows": n_eval_windows,
+            "context_size": context_size,
+            "l0_histogram": [int(c) for c in hist],
+        }
+
+    def figures(self, title: str) -> dict[str, Any]:
+        """Artifact path → matplotlib figure: feature density, decoder cosines, and the z–f plot with AFA."""
+        from saeflow.sae.evaluation.plots import decoder_cosine_histogram, feature_density, zf_plot
+
+        figs = {
+            "plots/feature_density.png": feature_density(self.firing_frequency.numpy(), title),
+            "plots/decoder_cosines.png": decoder_cosine_histogram(self.decoder_cosines.numpy(), title),
+        }
+        if self.afa is not None:
+            z, f = self.afa.points()
+            figs["plots/zf.png"] = zf_plot(z.numpy(), f.numpy(), title)
+        return figs
 
 
 @torch.inference_mode()
@@ -182,10 +211,11 @@ def evaluate_saes(
                 pooled_cos_zero_ablation=cos_zero,
                 pooled_cos_recovered=cosine_recovered(cos_sae, cos_zero),
             )
+        cosines = decoder_cosines(s.W_dec)
         if afa:
             m.update(afas[k].result())
-            m.update(decoder_geometry(s.W_dec))
-        results[k] = SAEEvaluation(m, rec[k].firing_frequency(), rec[k].l0_hist.clone(), afas.get(k))
+            m.update(decoder_geometry(s.W_dec, cos=cosines))
+        results[k] = SAEEvaluation(m, rec[k].firing_frequency(), rec[k].l0_hist.clone(), afas.get(k), cosines)
     return results
 
 
