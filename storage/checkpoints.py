@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import torch
+from pydantic import BaseModel, ConfigDict
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
@@ -71,6 +72,19 @@ def load_sae(directory: str, device: str | torch.device = "cpu") -> SAE:
 
 
 # ----- resumable training states (MATH §3.4) --------------------------------------------------------------------
+class GroupRecord(BaseModel):
+    """What a training group's state records beside the tensors (JSON in state.json)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    identity: dict[str, Any]
+    """What the state belongs to (group key, training settings, token budget, scale): resumed only when equal."""
+    runs: list[str]
+    """The group's MLflow run ids, one per SAE, in spec order."""
+    history: list[list[dict[str, float]]]
+    """Per SAE, every logged step's metrics with its `tokens` count (replayed into new runs if the old are gone)."""
+
+
 class TrainingCheckpoint(NamedTuple):
     """A training state read back from disk."""
 
@@ -79,8 +93,7 @@ class TrainingCheckpoint(NamedTuple):
     """`SAETrainer.state_dict()` as saved (tensors on CPU)."""
     cursor: dict[str, Any]
     """Position of the batch stream after the last step taken."""
-    extra: dict[str, Any]
-    """The caller's JSON: the config the state belongs to, run ids, metric history."""
+    record: GroupRecord
 
     @property
     def tokens_seen(self) -> int:
@@ -140,9 +153,10 @@ def _state_dirs(directory: str) -> list[tuple[int, str]]:
 
 
 def save_training_state(
-    directory: str, trainer: SAETrainer, cursor: dict[str, Any], extra: dict[str, Any] | None = None
+    directory: str, trainer: SAETrainer, cursor: dict[str, Any], record: GroupRecord | None = None
 ) -> str:
-    """Write the trainer's state, the batch cursor and `extra` (JSON) as the newest state under `directory`.
+    """Write the trainer's state, the batch cursor and `record` (default: empty) as the newest state under
+    `directory`.
 
     Atomic: everything is written to a `.tmp-` directory first and renamed into place; older states and leftover
     temporary directories are removed only after that. Returns the new state's path.
@@ -154,7 +168,7 @@ def save_training_state(
         "tokens_seen": trainer.tokens_seen,
         "trainer": _encode(trainer.state_dict(), tensors, "trainer"),
         "cursor": _encode(cursor, tensors, "cursor"),
-        "extra": extra or {},
+        "extra": (record or GroupRecord(identity={}, runs=[], history=[])).model_dump(mode="json"),
     }
     tmp = tempfile.mkdtemp(prefix=".tmp-", dir=directory)
     save_file(tensors, os.path.join(tmp, STATE_TENSORS))
@@ -185,12 +199,25 @@ def load_training_state(directory: str) -> TrainingCheckpoint | None:
             if tree.get("format") != STATE_FORMAT:
                 continue
             tensors = load_file(os.path.join(path, STATE_TENSORS))
-            return TrainingCheckpoint(
-                path, _decode(tree["trainer"], tensors), _decode(tree["cursor"], tensors), tree["extra"]
-            )
-        except (OSError, ValueError, KeyError, TypeError, SafetensorError):
+            record = GroupRecord.model_validate(tree["extra"])
+            return TrainingCheckpoint(path, _decode(tree["trainer"], tensors), _decode(tree["cursor"], tensors), record)
+        except (
+            OSError,
+            ValueError,
+            KeyError,
+            TypeError,
+            SafetensorError,
+        ):  # pydantic's ValidationError is a ValueError
             continue
     return None
+
+
+def load_resumable_state(directory: str, identity: dict[str, Any]) -> tuple[TrainingCheckpoint | None, str | None]:
+    """(the newest state under `directory` if it belongs to `identity`, else None; why a state found was ignored)."""
+    ckpt = load_training_state(directory)
+    if ckpt is not None and ckpt.record.identity != identity:
+        return None, f"ignoring {ckpt.path}: it was saved with a different training config"
+    return ckpt, None
 
 
 def clear_training_state(directory: str) -> None:

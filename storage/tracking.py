@@ -313,7 +313,7 @@ def open_sae_runs(
     """One nested MLflow run per SAE. A resumed group continues the runs its checkpoint names, moved under the
     current parent run; if those are gone it starts new ones and replays the checkpoint's metric history."""
     if ckpt is not None:
-        runs = ckpt.extra.get("runs", [])
+        runs = ckpt.record.runs
         try:
             alive = len(runs) == len(specs) and all(tr.client.get_run(r).info.lifecycle_stage == "active" for r in runs)
         except MlflowException:
@@ -333,10 +333,23 @@ def open_sae_runs(
         run_id = tr.start_run(f"{site}/{spec.label()}", parent_run_id, run_tags)
         tr.log_params(run_id, {"sae": spec.model_dump(), **params})
         runs.append(run_id)
-    for run_id, hist in zip(runs, ckpt.extra["history"] if ckpt else []):
+    for run_id, hist in zip(runs, ckpt.record.history if ckpt else []):
         for m in hist:
             tr.log_metrics(run_id, {k: v for k, v in m.items() if k != "tokens"}, step=m["tokens"], prefix="train/")
     return runs
+
+
+class StepLogger:
+    """Logs each SAE's per-step training metrics (`train/...`, step = tokens seen) to its run. A resumed group
+    replays the steps between its checkpoint and the kill; those are in MLflow already and are not logged again."""
+
+    def __init__(self, tr: Tracker, runs: list[str], resumed: bool):
+        self.tr, self.runs = tr, runs
+        self.logged_until = [tr.last_step(r, "train/loss") if resumed else -1 for r in runs]
+
+    def log(self, i: int, tokens: int, metrics: dict[str, float]) -> None:
+        if tokens > self.logged_until[i]:
+            self.tr.log_metrics(self.runs[i], metrics, step=tokens, prefix="train/")
 
 
 def publish_sae(

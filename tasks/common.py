@@ -87,12 +87,21 @@ def prefect_run_tags() -> dict[str, str]:
 
 
 def tracker(cfg: PipelineConfig) -> Tracker:
+    """The MLflow tracker of this flow run: built once per flow run (and config), shared by its tasks."""
     import os
+
+    from prefect.runtime import flow_run
 
     artifacts = None
     if cfg.tracking_uri.startswith("sqlite:") and not cfg.tracking.uri and "MLFLOW_TRACKING_URI" not in os.environ:
         artifacts = layout.local_artifact_location(cfg.root)
-    return Tracker(cfg.tracking_uri, cfg.tracking.experiment, artifacts)
+    return _tracker(flow_run.id, cfg.tracking_uri, cfg.tracking.experiment, artifacts)
+
+
+@functools.lru_cache(maxsize=8)
+def _tracker(flow_run_id: str | None, uri: str, experiment: str, artifacts: str | None) -> Tracker:
+    # Keyed by flow run: a long-lived `saeflow serve` process looks the experiment up afresh for every run.
+    return Tracker(uri, experiment, artifacts)
 
 
 @functools.lru_cache(maxsize=1)

@@ -12,7 +12,7 @@ from saeflow.storage.activations import ActivationStoreRef
 from saeflow.storage.registry import CHAMPION, version_by_alias
 from saeflow.storage.tracking import registered_model_name
 from saeflow.tasks.common import TRACKING_RETRIES, run_logger, tracker
-from saeflow.tasks.train import RETRAIN_KEYS, version_identity
+from saeflow.tasks.versions import RETRAIN_KEYS, version_identity
 
 
 @dataclass(frozen=True)

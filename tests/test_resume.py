@@ -270,7 +270,7 @@ def test_a_killed_train_task_resumes_in_the_same_mlflow_runs_and_ends_like_an_un
     with pytest.raises(Killed):
         train_task.train_site_saes.fn(cfg, store, STATS, "s", list(cfg.saes), first_parent)
     ckpt_dir, _ = train_task.checkpoint_location(cfg, store, "s", list(cfg.saes), 1.0, TOTAL)
-    killed_runs = load_training_state(ckpt_dir).extra["runs"]
+    killed_runs = load_training_state(ckpt_dir).record.runs
     monkeypatch.setattr(train_task, "save_training_state", real_save)
 
     second_parent = tr.start_run("resumed")

@@ -3,6 +3,7 @@
 from saeflow.sae.training.memory import (
     MemoryEstimate,
     TrainingMemoryError,
+    build_training_group,
     check_training_memory,
     estimate_training_memory,
     memory_report,
@@ -14,6 +15,7 @@ __all__ = [
     "SAETrainer",
     "TrainingConfig",
     "TrainingMemoryError",
+    "build_training_group",
     "check_training_memory",
     "estimate_training_memory",
     "geometric_median",

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
-from saeflow.sae.architectures.base import SAEConfig
+from saeflow.sae.architectures.base import SAE, SAEConfig
+
+if TYPE_CHECKING:
+    from saeflow.sae.training.trainer import TrainingConfig
 
 ACTIVATION_COPIES = 6
 """[batch, d_sae] float tensors alive at once per SAE in a step: pre-acts, code, their gradients, masks, temporaries."""
@@ -89,3 +92,19 @@ def check_training_memory(est: MemoryEstimate, device: torch.device, group: str,
         f"only {format_bytes(avail[0])} is {avail[1]}; lower train.batch_size or the SAEs' expansion_factor/d_sae, "
         "or set train.group_by_site=false to train one SAE per task"
     )
+
+
+def build_training_group(
+    specs: Sequence[SAEConfig], d_in: int, cfg: TrainingConfig, scale: float, group: str, est: MemoryEstimate
+) -> list[SAE]:
+    """The group's SAEs, built only once `est` is known to fit (`TrainingMemoryError` otherwise, nothing built):
+    seeded with `cfg.seed`, each with input scale `scale` (MATH §4.1)."""
+    from saeflow.sae.architectures.registry import build_sae
+    from saeflow.sae.device import pick_device
+
+    check_training_memory(est, pick_device(cfg.device), group)
+    torch.manual_seed(cfg.seed)
+    saes = [build_sae(spec, d_in) for spec in specs]
+    for s in saes:
+        s.input_scale.fill_(scale)
+    return saes
