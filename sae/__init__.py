@@ -13,52 +13,7 @@ models, sites, capture and splicing, tokenization), `training` (the training loo
 if __name__ != "saeflow.sae":  # a copy on sys.path as a bare `sae` would register every architecture twice
     raise ImportError(f"import saeflow.sae, not {__name__}: the library is installed as part of saeflow")
 
-from saeflow.sae.architectures import (
-    ARCHITECTURES,
-    SAE,
-    BatchTopKConfig,
-    BatchTopKSAE,
-    GatedConfig,
-    GatedSAE,
-    JumpReLUConfig,
-    JumpReLUSAE,
-    MatryoshkaConfig,
-    MatryoshkaSAE,
-    ReLUConfig,
-    ReLUSAE,
-    SAEConfig,
-    SAEOutput,
-    TopAFAConfig,
-    TopAFASAE,
-    TopKConfig,
-    TopKSAE,
-    TrainState,
-    build_sae,
-    config_from_dict,
-    register,
-)
+from saeflow.sae import architectures as _architectures
+from saeflow.sae.architectures import *  # noqa: F403  (the public names are the architectures package's)
 
-__all__ = [
-    "ARCHITECTURES",
-    "SAE",
-    "BatchTopKConfig",
-    "BatchTopKSAE",
-    "GatedConfig",
-    "GatedSAE",
-    "JumpReLUConfig",
-    "JumpReLUSAE",
-    "MatryoshkaConfig",
-    "MatryoshkaSAE",
-    "ReLUConfig",
-    "ReLUSAE",
-    "SAEConfig",
-    "SAEOutput",
-    "TopAFAConfig",
-    "TopAFASAE",
-    "TopKConfig",
-    "TopKSAE",
-    "TrainState",
-    "build_sae",
-    "config_from_dict",
-    "register",
-]
+__all__ = list(_architectures.__all__)

@@ -6,9 +6,30 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from dataclasses import dataclass
+from typing import Literal
 
 from saeflow.sae.architectures.base import SAE
 from saeflow.sae.lm.sites import Site
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """What an SAE directory says about itself (cfg.json)."""
+
+    site: str | None
+    """The saeflow site it was trained at, or None when it does not say (or names a hook saeflow has no site for)."""
+    outlier_norm_threshold: float | None = None
+    """Raw row norm above which training left rows out (saeflow checkpoints); None when none was recorded."""
+
+
+@dataclass(frozen=True)
+class LocatedSAE:
+    """An SAE reference resolved to a local directory."""
+
+    kind: Literal["checkpoint", "saelens", "registry"]
+    path: str
+    recorded: Recorded
 
 
 class SAEReferenceError(ValueError):
@@ -22,9 +43,8 @@ def site_from_hook(hook_name: str | None) -> str | None:
     return None if site is None else str(site)
 
 
-def sniff_format(directory: str) -> tuple[str, dict]:
-    """(`checkpoint` | `saelens`, what the SAE records) from a directory's cfg.json shape. The record always has
-    `site` (None when unknown); saeflow checkpoints add their training metadata (input scale, outlier threshold…)."""
+def sniff_format(directory: str) -> tuple[Literal["checkpoint", "saelens"], Recorded]:
+    """(`checkpoint` | `saelens`, what the SAE records) from a directory's cfg.json shape."""
     from saeflow.storage.checkpoints import checkpoint_dir
 
     path = os.path.join(checkpoint_dir(directory), "cfg.json")
@@ -34,27 +54,27 @@ def sniff_format(directory: str) -> tuple[str, dict]:
         cfg = json.load(f)
     meta = cfg.get("metadata") or {}
     if isinstance(cfg.get("sae"), dict) and "d_in" in cfg:  # storage.checkpoints.save_sae
-        return "checkpoint", {**meta, "site": meta.get("site")}
+        outlier = meta.get("outlier_norm_threshold")
+        return "checkpoint", Recorded(meta.get("site"), float(outlier) if outlier else None)
     if "d_in" in cfg and "d_sae" in cfg:  # SAELens: flat config, hook_name under metadata (≥ 6) or top level
-        return "saelens", {"site": site_from_hook(meta.get("hook_name") or cfg.get("hook_name"))}
+        return "saelens", Recorded(site_from_hook(meta.get("hook_name") or cfg.get("hook_name")))
     raise SAEReferenceError(f"{path} is neither a saeflow nor a SAELens SAE config (no d_in/d_sae)")
 
 
-def locate_sae(ref: str, tracking_uri: str) -> tuple[str, str, dict]:
-    """(kind, local directory, what the SAE records — see `sniff_format`) of a reference; registered models are
-    downloaded first."""
+def locate_sae(ref: str, tracking_uri: str) -> LocatedSAE:
+    """Where reference `ref` is on disk and what it records; registered models are downloaded first."""
     from saeflow.storage.tracking import pull
 
     if os.path.isdir(ref):
         kind, recorded = sniff_format(ref)
-        return kind, ref, recorded
+        return LocatedSAE(kind, ref, recorded)
     if os.sep in ref.strip(os.sep).split(os.sep, 1)[-1] or ref.startswith((".", "~", os.sep)):
         raise SAEReferenceError(f"SAE directory {ref!r} does not exist")
     try:
         path = pull(ref, tempfile.mkdtemp(prefix="saeflow-eval-"), tracking_uri)
     except ValueError as e:
         raise SAEReferenceError(f"{ref!r} is not a directory, and {e}") from None
-    return "registry", path, sniff_format(path)[1]
+    return LocatedSAE("registry", path, sniff_format(path)[1])
 
 
 def load_sae_source(kind: str, path: str, device="cpu") -> SAE:
@@ -68,5 +88,5 @@ def load_sae_source(kind: str, path: str, device="cpu") -> SAE:
 def load_sae_ref(ref: str, tracking_uri: str, device="cpu") -> SAE:
     """`saeflow.load_sae`: a checkpoint or SAELens directory as is, a registered model (`name@alias`, `name/3`)
     downloaded to a fresh temporary directory first."""
-    kind, path, _ = locate_sae(ref, tracking_uri)
-    return load_sae_source(kind, path, device)
+    located = locate_sae(ref, tracking_uri)
+    return load_sae_source(located.kind, located.path, device)

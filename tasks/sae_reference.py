@@ -67,14 +67,15 @@ def load_reference(ref: SAEReference, device="cpu") -> SAE:
 @task(name="resolve-sae", cache_policy=NO_CACHE)
 def resolve_sae_reference(cfg: PipelineConfig, ref: str, site: str | None = None) -> SAEReference:
     """Find the SAE (downloading a registered one), load it once, and check it fits `site` of the config's model."""
-    kind, path, recorded = locate_sae(ref, cfg.tracking_uri)
+    located = locate_sae(ref, cfg.tracking_uri)
+    kind, path = located.kind, located.path
     lm = loaded_model(cfg)
     sae = load_sae_source(kind, path, "cpu")
-    chosen = check_fit(sae, lm.model, site, recorded["site"])
+    chosen = check_fit(sae, lm.model, site, located.recorded.site)
     label = f"{os.path.basename(os.path.normpath(ref)) or ref}-{sae.cfg.architecture}"
-    outlier = recorded.get("outlier_norm_threshold")
+    outlier = located.recorded.outlier_norm_threshold
     excluded = f"rows with norm > {outlier:.4g} left out as in training" if outlier else "no outlier threshold recorded"
     run_logger().info(
         f"evaluate: {ref} is a {kind} SAE ({sae.cfg.architecture}, d_sae {sae.d_sae}) at {chosen}; {excluded}"
     )
-    return SAEReference(ref, kind, path, chosen, label, float(outlier) if outlier else None)
+    return SAEReference(ref, kind, path, chosen, label, outlier)

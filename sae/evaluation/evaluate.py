@@ -109,6 +109,73 @@ def _hidden_states(out) -> Tensor:
     return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 
 
+class _DownstreamSums:
+    """Running sums of the spliced forward passes: CE (LMs) or pooled cosine (encoders) per variant, KL per SAE."""
+
+    def __init__(self, labels: Iterable[str], has_lm_head: bool):
+        labels = list(labels)
+        self.has_lm_head, self.labels = has_lm_head, set(labels)
+        self.sums = {"clean": 0.0, "zero": 0.0, "mean": 0.0, **dict.fromkeys(labels, 0.0)}
+        self.kl = dict.fromkeys(self.sums, 0.0)
+        self.n = 0  # predicted tokens (LMs) or pooled windows (encoders)
+
+    def update(
+        self, model: nn.Module, site: str, ids: Tensor, clean: Tensor, variants: dict[str, Callable[[Tensor], Tensor]]
+    ) -> None:
+        """One batch: the clean output is given; each variant's replacement of the site is spliced in turn."""
+        if self.has_lm_head:
+            s_, n = next_token_ce_sum(clean, ids)
+            self.sums["clean"] += s_
+            self.n += n
+        else:
+            self.n += ids.shape[0]
+        for name, fn in variants.items():
+            with splice_site(model, site, fn):
+                out = model(input_ids=ids)
+            if self.has_lm_head:
+                self.sums[name] += next_token_ce_sum(out.logits, ids)[0]
+                if name in self.labels:
+                    self.kl[name] += kl_sum(clean, out.logits)
+            else:
+                self.sums[name] += pooled_cosine_sum(clean, _hidden_states(out))
+
+    def metrics(self, label: str, with_mean: bool) -> dict[str, float]:
+        """CE/KL and CE recovered (MATH §5) for LMs, pooled cosine recovered for encoders; {} with no batches."""
+        if not self.n:
+            return {}
+        down, n = self.sums, self.n
+        if not self.has_lm_head:
+            cos_sae, cos_zero = down[label] / n, down["zero"] / n
+            return {
+                "pooled_cos_spliced": cos_sae,
+                "pooled_cos_zero_ablation": cos_zero,
+                "pooled_cos_recovered": cosine_recovered(cos_sae, cos_zero),
+            }
+        clean_ce, spliced, zero = down["clean"] / n, down[label] / n, down["zero"] / n
+        m = {
+            "ce_loss_clean": clean_ce,
+            "ce_loss_spliced": spliced,
+            "ce_loss_zero_ablation": zero,
+            "ce_loss_recovered": ce_loss_recovered(clean_ce, spliced, zero),
+            "delta_ce": spliced - clean_ce,
+            "kl_div": self.kl[label] / n,
+        }
+        if with_mean:
+            mean_ce = down["mean"] / n
+            m.update(
+                ce_loss_mean_ablation=mean_ce, ce_loss_recovered_mean=ce_loss_recovered(clean_ce, spliced, mean_ce)
+            )
+        return m
+
+
+def _variants(saes: dict[str, SAE], mean_activation: Tensor | None) -> dict[str, Callable[[Tensor], Tensor]]:
+    """What is spliced in: zero ablation, mean ablation (when a mean is given), each SAE's reconstruction."""
+    fns: dict[str, Callable[[Tensor], Tensor]] = {"zero": lambda h: torch.zeros_like(h)}
+    if mean_activation is not None:
+        fns["mean"] = functools.partial(_expand, mean_activation)
+    return {**fns, **{k: functools.partial(_reconstruct, s) for k, s in saes.items()}}
+
+
 @torch.inference_mode()
 def evaluate_saes(
     model: nn.Module,
@@ -116,6 +183,7 @@ def evaluate_saes(
     site: str,
     saes: dict[str, SAE],
     has_lm_head: bool,
+    *,
     downstream: bool = True,
     mean_activation: Tensor | None = None,
     outlier_norm: float | None = None,
@@ -135,11 +203,10 @@ def evaluate_saes(
     batches = list(token_batches)
     if downstream and has_lm_head and mean_activation is None:
         mean_activation = eval_set_mean(model, batches, site)
+    mean = mean_activation.to(device) if has_lm_head and mean_activation is not None else None
     rec = {k: ReconstructionMetrics(s.d_sae, float(s.input_scale)) for k, s in saes.items()}
     afas = {k: AFAAccumulator(s, afa_points) for k, s in saes.items()} if afa else {}
-    down = {"clean": 0.0, "zero": 0.0, "mean": 0.0, **dict.fromkeys(saes, 0.0)}
-    kl = dict.fromkeys(saes, 0.0)
-    n_down = 0  # predicted tokens (LMs) or pooled windows (encoders)
+    down = _DownstreamSums(saes, has_lm_head)
     excluded = 0
     for ids in tqdm(batches, desc=f"eval {site}", disable=not progress):
         ids = ids.to(device)
@@ -160,57 +227,13 @@ def evaluate_saes(
             rec[k].update(x, s.decode(f), f, s.b_dec)
             if afa:
                 afas[k].update(x_raw[keep], f)
-        if not downstream:
-            continue
-        ablations: dict[str, Callable[[Tensor], Tensor]] = {"zero": lambda h: torch.zeros_like(h)}
-        if has_lm_head and mean_activation is not None:
-            mean = mean_activation.to(device)
-            ablations["mean"] = functools.partial(_expand, mean)
-        spliced_fns: dict[str, Callable[[Tensor], Tensor]] = {
-            **ablations,
-            **{k: functools.partial(_reconstruct, s) for k, s in saes.items()},
-        }
-        if has_lm_head:
-            s_, n = next_token_ce_sum(clean, ids)
-            down["clean"] += s_
-            n_down += n
-        else:
-            n_down += ids.shape[0]
-        for name, fn in spliced_fns.items():
-            with splice_site(model, site, fn):
-                out = model(input_ids=ids)
-            if has_lm_head:
-                down[name] += next_token_ce_sum(out.logits, ids)[0]
-                if name in saes:
-                    kl[name] += kl_sum(clean, out.logits)
-            else:
-                down[name] += pooled_cosine_sum(clean, _hidden_states(out))
+        if downstream:
+            down.update(model, site, ids, clean, _variants(saes, mean))
     results: dict[str, SAEEvaluation] = {}
     for k, s in saes.items():
-        m = rec[k].result()
-        m["outlier_rows_excluded"] = float(excluded)
-        if downstream and n_down and has_lm_head:
-            clean_ce, spliced, zero = down["clean"] / n_down, down[k] / n_down, down["zero"] / n_down
-            m.update(
-                ce_loss_clean=clean_ce,
-                ce_loss_spliced=spliced,
-                ce_loss_zero_ablation=zero,
-                ce_loss_recovered=ce_loss_recovered(clean_ce, spliced, zero),
-                delta_ce=spliced - clean_ce,
-                kl_div=kl[k] / n_down,
-            )
-            if mean_activation is not None:
-                mean_ce = down["mean"] / n_down
-                m.update(
-                    ce_loss_mean_ablation=mean_ce, ce_loss_recovered_mean=ce_loss_recovered(clean_ce, spliced, mean_ce)
-                )
-        elif downstream and n_down:
-            cos_sae, cos_zero = down[k] / n_down, down["zero"] / n_down
-            m.update(
-                pooled_cos_spliced=cos_sae,
-                pooled_cos_zero_ablation=cos_zero,
-                pooled_cos_recovered=cosine_recovered(cos_sae, cos_zero),
-            )
+        m = {**rec[k].result(), "outlier_rows_excluded": float(excluded)}
+        if downstream:
+            m.update(down.metrics(k, with_mean=mean is not None))
         cosines = decoder_cosines(s.W_dec)
         if afa:
             m.update(afas[k].result())
