@@ -123,3 +123,43 @@ def test_the_layering_check_catches_what_it_looks_for(tmp_path, monkeypatch):
         "tasks/x.py:6 reaches into the tracker's MLflow client (tr.client)",
         "tasks/x.py:8 calls remove()",
     ]
+
+
+# ----- one installed import package --------------------------------------------------------------------------------
+def test_the_install_exposes_one_top_level_package_and_no_bare_room_names(tmp_path):
+    import importlib.metadata
+    import sysconfig
+
+    site_packages = sysconfig.get_paths()["purelib"]
+    (dist,) = [d for d in importlib.metadata.distributions(path=[site_packages]) if d.metadata["Name"] == "saeflow"]
+    assert dist.read_text("top_level.txt").split() == ["saeflow"]
+    probe = (
+        "import importlib\n"
+        "for name in ('sae', 'storage', 'tasks', 'flows'):\n"
+        "    try:\n"
+        "        importlib.import_module(name)\n"
+        "        print(name, 'imported')\n"
+        "    except ImportError as e:\n"
+        "        print(name, type(e).__name__, e)\n"
+        "import saeflow.sae, saeflow.storage, saeflow.tasks, saeflow.flows\n"
+        "print('saeflow ok')\n"
+    )
+    elsewhere = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert elsewhere.returncode == 0, elsewhere.stderr
+    assert elsewhere.stdout.splitlines() == [
+        "sae ModuleNotFoundError No module named 'sae'",
+        "storage ModuleNotFoundError No module named 'storage'",
+        "tasks ModuleNotFoundError No module named 'tasks'",
+        "flows ModuleNotFoundError No module named 'flows'",
+        "saeflow ok",
+    ]
+    # From the repository root the folders are on sys.path ('' = cwd), and each refuses its bare name.
+    here = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert here.returncode == 0, here.stderr
+    assert here.stdout.splitlines() == [
+        "sae ImportError import saeflow.sae, not sae: the library is installed as part of saeflow",
+        "storage ImportError import saeflow.storage, not storage",
+        "tasks ImportError import saeflow.tasks, not tasks",
+        "flows ImportError import saeflow.flows, not flows",
+        "saeflow ok",
+    ]
