@@ -163,3 +163,19 @@ def test_the_install_exposes_one_top_level_package_and_no_bare_room_names(tmp_pa
         "flows ImportError import saeflow.flows, not flows",
         "saeflow ok",
     ]
+
+
+def test_every_package_folder_is_listed_in_pyproject():
+    """pyproject lists the packages by hand (package-dir maps folders; setuptools cannot find mapped ones)."""
+    import tomllib
+
+    with open(os.path.join(REPO, "pyproject.toml"), "rb") as f:
+        tool = tomllib.load(f)["tool"]["setuptools"]
+    mapping = {folder: package for package, folder in tool["package-dir"].items()}
+    found = set()
+    for folder, package in mapping.items():
+        for dirpath, _, names in os.walk(os.path.join(REPO, folder)):
+            if "__init__.py" in names:
+                rel = os.path.relpath(dirpath, os.path.join(REPO, folder))
+                found.add(package if rel == "." else f"{package}.{rel.replace(os.sep, '.')}")
+    assert found == set(tool["packages"])
