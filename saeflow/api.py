@@ -13,12 +13,15 @@ from saeflow.env import default_tracking_uri
 from saeflow.sae.evaluation.frontier import higher_is_better
 from saeflow.sae.lm.models import ModelLoadError
 from saeflow.sae.lm.sites import SiteError
+from saeflow.sae.training import NonFiniteLossError, TrainingMemoryError
 
 if TYPE_CHECKING:
     from saeflow.storage.registry import VersionRow
 
 USER_ERRORS: tuple[type[Exception], ...] = (
     ConfigError,
+    NonFiniteLossError,
+    TrainingMemoryError,
     ModelLoadError,
     SiteError,
     FileNotFoundError,

@@ -58,6 +58,10 @@ class SiteStats(BaseModel):
     """Hash of the site's activation bytes, chunk by chunk: what the statistics describe."""
 
 
+class NonFiniteActivationsError(ValueError):
+    """An activation store holds NaN/inf rows; str() is one line naming the store, the count, the first row, the fix."""
+
+
 class ComputedStats(NamedTuple):
     """What `compute_site_stats` returns: the statistics and the outlier row indices they left out."""
 
@@ -104,7 +108,16 @@ def compute_site_stats(
     d = x.shape[1]
     norms_d = da.sqrt((x**2).sum(axis=1))
     hashes_d = da.map_blocks(_chunk_hash, x.rechunk({1: -1}).astype(arr.dtype), drop_axis=1, dtype=object)
-    norms, hashes = dask.compute(norms_d, hashes_d)
+    nonfinite_d = ~da.isfinite(x).all(axis=1)
+    norms, hashes, nonfinite = dask.compute(norms_d, hashes_d, nonfinite_d)
+    if nonfinite.any():
+        bad = np.flatnonzero(nonfinite)
+        raise NonFiniteActivationsError(
+            f"activation store {ref.url}, site {site}: {len(bad)} of {len(norms)} rows hold NaN/inf (first: row "
+            f"{bad[0]}, token position {bad[0] % ref.rows_per_window + 1} of window {bad[0] // ref.rows_per_window}); "
+            "no statistics or SAEs are made from it. Delete that store and extract again (an fp16 model may overflow: "
+            "set model.dtype to float32 or bfloat16)"
+        )
     median = float(np.median(norms))
     if outlier_norm_ratio is not None:
         outliers = np.flatnonzero(norms > outlier_norm_ratio * median).astype(np.int64)

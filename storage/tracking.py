@@ -263,6 +263,14 @@ class Tracker:
             )
         return str(mv.version)
 
+    def version_of_run(self, name: str, run_id: str) -> str | None:
+        """The version of `name` this run already registered, if any (registration is once per run and model)."""
+        try:
+            found = self.client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+        except MlflowException:
+            return None
+        return str(min(int(v.version) for v in found)) if found else None
+
     def set_alias(self, name: str, alias: str, version: str) -> None:
         self.client.set_registered_model_alias(name, alias, version)
 
@@ -352,6 +360,10 @@ class StepLogger:
             self.tr.log_metrics(self.runs[i], metrics, step=tokens, prefix="train/")
 
 
+class NonFiniteModelError(ValueError):
+    """An SAE with NaN/inf weights was about to be registered; str() is one line naming the model and the fix."""
+
+
 def publish_sae(
     tr: Tracker,
     run_id: str,
@@ -366,8 +378,25 @@ def publish_sae(
     model_description: str | None = None,
 ) -> str:
     """Log the SAE as its run's MLflow model (and its training-curves figure), register it as a new version of
-    `name` with `tags`, point `alias` at it, and tag the run with the version. Returns the version."""
+    `name` with `tags`, point `alias` at it, and tag the run with the version. Returns the version.
+
+    Idempotent per (run, model): a run that already registered `name` (a rerun after a kill between two SAEs'
+    registrations) gets its existing version back, aliased again, and no new one. Non-finite weights are refused
+    before anything is logged."""
     from saeflow.storage.checkpoints import save_sae
+
+    bad = [k for k, v in sae.state_dict().items() if v.is_floating_point() and not bool(v.isfinite().all())]
+    if bad:
+        raise NonFiniteModelError(
+            f"{name}: the trained SAE has NaN/inf in {', '.join(bad)}; it is not registered (lower the lr or "
+            "check the activations for NaN/inf)"
+        )
+    existing = tr.version_of_run(name, run_id)
+    if existing is not None:
+        if alias:
+            tr.set_alias(name, alias, existing)
+        tr.set_tags(run_id, {"registered_model": name, "registered_version": existing})
+        return existing
 
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = save_sae(sae, os.path.join(tmp, "sae"), metadata)

@@ -299,3 +299,61 @@ def test_a_killed_train_task_resumes_in_the_same_mlflow_runs_and_ends_like_an_un
     for killed, full in zip(killed_runs, [t.run_id for t in uninterrupted]):
         curve = [(m.step, m.value) for m in tr.client.get_metric_history(killed, "train/loss")]
         assert sorted(curve) == sorted((m.step, m.value) for m in tr.client.get_metric_history(full, "train/loss"))
+
+
+def test_a_kill_between_two_registrations_leaves_one_version_per_sae(store, tmp_path, monkeypatch):
+    """Killed right after the first of two SAEs was registered, the rerun resumes and registers the second;
+    the first keeps its one version (registration is idempotent per run and model)."""
+    import saeflow.tasks.train as train_task
+    from saeflow.tasks.common import tracker
+
+    cfg = pipeline_config(str(tmp_path / "work"))
+    tr = tracker(cfg)
+    real_publish = train_task.publish_sae
+    published: list[str] = []
+
+    def killed_after_first_registration(*args, **kwargs):
+        if published:
+            raise Killed
+        published.append(real_publish(*args, **kwargs))
+        return published[-1]
+
+    monkeypatch.setattr(train_task, "publish_sae", killed_after_first_registration)
+    with pytest.raises(Killed):
+        train_task.train_site_saes.fn(cfg, store, STATS, "s", list(cfg.saes), tr.start_run("killed"))
+    monkeypatch.setattr(train_task, "publish_sae", real_publish)
+    resumed = train_task.train_site_saes.fn(cfg, store, STATS, "s", list(cfg.saes), tr.start_run("rerun"))
+    for t in resumed:
+        versions = tr.client.search_model_versions(f"name = '{t.registered_name}'")
+        assert [(str(v.version), v.run_id) for v in versions] == [("1", t.run_id)]
+        assert str(tr.client.get_model_version_by_alias(t.registered_name, cfg.tracking.alias).version) == "1"
+    assert [t.version for t in resumed] == ["1", "1"] and published == ["1"]
+
+
+def test_non_finite_losses_stop_training_with_one_line_naming_the_step():
+    from saeflow.sae.training import NonFiniteLossError
+
+    good = torch.randn(64, D)
+    poisoned = good.clone()
+    poisoned[3, 5] = float("nan")
+    batches = iter([good, good, good, poisoned, good, good])
+    cfg = TrainingConfig(batch_size=64, log_every=1, dead_tokens=128, device="cpu")
+    with pytest.raises(NonFiniteLossError) as err:
+        train_saes(new_group(), batches, cfg, 6 * 64, group="train s [toy]", progress=False)
+    msg = str(err.value)
+    assert "\n" not in msg
+    assert msg.startswith("train s [toy]: topk-x64-k4's loss is nan at step 3 (192 tokens); training stopped")
+
+
+def test_an_sae_with_non_finite_weights_is_never_registered(tmp_path):
+    from saeflow.storage.tracking import NonFiniteModelError, Tracker, publish_sae
+
+    tr = Tracker(f"sqlite:///{tmp_path}/mlflow.db", "faults", f"file://{tmp_path}/artifacts")
+    run_id = tr.start_run("nan")
+    sae = new_group()[0]
+    with torch.no_grad():
+        sae.W_dec[2, 1] = float("inf")
+    with pytest.raises(NonFiniteModelError, match=r"^m: the trained SAE has NaN/inf in W_dec; it is not registered"):
+        publish_sae(tr, run_id, sae, {"site": "s"}, "m", {"site": "s"}, "current")
+    assert tr.client.search_registered_models() == []
+    assert tr.client.get_run(run_id).data.tags.get("registered_version") is None

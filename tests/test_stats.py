@@ -76,3 +76,21 @@ def test_stats_on_an_existing_scheduler_match_the_local_cluster(store):
         remote = compute_site_stats(ref, "s").stats
     assert remote.content_hash == local.content_hash
     assert remote.scale == local.scale and remote.mean == local.mean
+
+
+def test_non_finite_activations_are_found_at_stats_time_naming_the_store_count_and_first_row(tmp_path):
+    from saeflow.storage.stats import NonFiniteActivationsError
+
+    x = np.random.default_rng(1).normal(size=(10 * 15, 8)).astype(np.float32)
+    x[37, 2], x[120, 0] = np.nan, np.inf
+    url = str(tmp_path / "acts")
+    w = ActivationWriter(url, ["s"], 10, 15, 8, "float32", {"test": 2}, {}, target_chunk_rows=30)
+    w.add({"s": x})
+    ref = w.finish()
+    with pytest.raises(NonFiniteActivationsError) as err:
+        compute_site_stats(ref, "s")
+    assert str(err.value) == (
+        f"activation store {url}, site s: 2 of 150 rows hold NaN/inf (first: row 37, token position 8 of window 2); "
+        "no statistics or SAEs are made from it. Delete that store and extract again (an fp16 model may overflow: "
+        "set model.dtype to float32 or bfloat16)"
+    )

@@ -8,10 +8,18 @@ from saeflow.sae.training.memory import (
     estimate_training_memory,
     memory_report,
 )
-from saeflow.sae.training.trainer import SAETrainer, TrainingConfig, geometric_median, lr_lambda, train_saes
+from saeflow.sae.training.trainer import (
+    NonFiniteLossError,
+    SAETrainer,
+    TrainingConfig,
+    geometric_median,
+    lr_lambda,
+    train_saes,
+)
 
 __all__ = [
     "MemoryEstimate",
+    "NonFiniteLossError",
     "SAETrainer",
     "TrainingConfig",
     "TrainingMemoryError",

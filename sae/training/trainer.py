@@ -75,6 +75,10 @@ def lr_lambda(total_steps: int, warmup: float, decay: float) -> Callable[[int], 
     return scale
 
 
+class NonFiniteLossError(ArithmeticError):
+    """A loss became NaN/inf during training; str() is one line naming the group, the SAE, the step and a fix."""
+
+
 class SAETrainer:
     """Steps a group of SAEs on shared batches; owns optimizers, schedulers and dead-latent counters."""
 
@@ -86,6 +90,7 @@ class SAETrainer:
         self.device = pick_device(cfg.device)
         est = estimate_training_memory([s.cfg for s in saes], saes[0].d_in, cfg.batch_size, buffer_bytes)
         built = sum(t.numel() * t.element_size() for s in saes for t in s.parameters() if t.device == self.device)
+        self.group = group
         check_training_memory(est, self.device, group, allocated=built)
         self.total_steps = max(1, math.ceil(total_tokens / cfg.batch_size))
         self.dead_tokens = cfg.dead_tokens or max(cfg.batch_size, min(10_000_000, total_tokens // 4))
@@ -146,6 +151,12 @@ class SAETrainer:
                 self.tokens_since_fired[i][fired] = 0
                 if self.step_count % self.cfg.log_every == 0:
                     stats.append(self._metrics(x, out, i))
+                    if not math.isfinite(stats[-1]["loss"]):  # checked where the loss is read anyway: no extra sync
+                        raise NonFiniteLossError(
+                            f"{self.group}: {sae.cfg.label()}'s loss is {stats[-1]['loss']} at step {self.step_count} "
+                            f"({self.tokens_seen:,} tokens); training stopped (lower the lr, or check the "
+                            "activations for NaN/inf)"
+                        )
                 else:
                     stats.append({})
         self.step_count += 1
