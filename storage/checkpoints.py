@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from saeflow.sae.architectures.base import SAE
@@ -62,11 +62,34 @@ def read_sae_config(directory: str) -> dict[str, Any]:
         return json.load(f)
 
 
+class CheckpointError(ValueError):
+    """A checkpoint whose files are unreadable or do not belong together; str() is one line naming the fix."""
+
+
+def weight_shapes(path: str) -> dict[str, tuple[int, ...]]:
+    """Tensor name → shape from a safetensors file's header, reading no tensor data."""
+    try:
+        with safe_open(path, "pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118  (safe_open is no dict)
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path} is not a readable safetensors file ({e}): save or pull the SAE again") from None
+
+
 def load_sae(directory: str, device: str | torch.device = "cpu") -> SAE:
-    """Rebuild the SAE module saved by `save_sae` (or pulled from the registry) and load its weights."""
+    """Rebuild the SAE module saved by `save_sae` (or pulled from the registry) and load its weights.
+
+    The shapes cfg.json declares are checked against the weights' safetensors header before anything is built."""
     directory = checkpoint_dir(directory)
     cfg = read_sae_config(directory)
-    sae = build_sae(config_from_dict(cfg["sae"]), cfg["d_in"])
+    spec, d_in = config_from_dict(cfg["sae"]), int(cfg["d_in"])
+    have = weight_shapes(os.path.join(directory, WEIGHTS))
+    want = {"W_enc": (d_in, spec.n_latents(d_in)), "W_dec": (spec.n_latents(d_in), d_in)}
+    if any(have.get(k) != v for k, v in want.items()):
+        raise CheckpointError(
+            f"{directory}: {CONFIG} declares d_in {d_in}, d_sae {want['W_enc'][1]} but {WEIGHTS} holds W_enc "
+            f"{have.get('W_enc')}, W_dec {have.get('W_dec')}: the files do not belong together; save or pull it again"
+        )
+    sae = build_sae(spec, d_in)
     sae.load_state_dict(load_file(os.path.join(directory, WEIGHTS), device=str(device)))
     return sae.to(device).eval()
 

@@ -37,6 +37,7 @@ from saeflow.sae.architectures.registry import ARCHITECTURES, build_sae
 from saeflow.sae.architectures.relu import ReLUConfig
 from saeflow.sae.architectures.topk import TopKConfig
 from saeflow.sae.lm.sites import Site
+from saeflow.storage.checkpoints import weight_shapes
 
 WEIGHTS = "sae_weights.safetensors"  # SAELens' SAE_WEIGHTS_FILENAME
 CONFIG = "cfg.json"  # SAELens' SAE_CFG_FILENAME
@@ -204,6 +205,7 @@ def import_saelens(directory: str, device: str | torch.device = "cpu", scaling_f
     cfg = read_saelens_config(directory)
     arch = cfg["architecture"]
     scale = _input_scale(cfg, directory, scaling_factor)
+    weight_shapes(os.path.join(directory, WEIGHTS))  # a garbage or truncated file is one line, before any read
     t = {k: v.double() for k, v in load_file(os.path.join(directory, WEIGHTS)).items()}
     d_in, d_sae = int(cfg["d_in"]), int(cfg["d_sae"])
     if tuple(t["W_enc"].shape) != (d_in, d_sae) or tuple(t["W_dec"].shape) != (d_sae, d_in):

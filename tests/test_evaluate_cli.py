@@ -3,6 +3,8 @@ model resolves by alias, and an SAE that does not fit the model/site fails with 
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import yaml
@@ -123,6 +125,36 @@ def test_d_model_mismatch_fails_with_one_line(config_file, tmp_path):
     assert r.exit_code == 2
     (line,) = error_lines(r)
     assert "d_in 32" in line and "width 64" in line
+
+
+def test_declared_shapes_are_checked_against_the_weights_before_anything_is_built(config_file, tmp_path):
+    """A cfg.json declaring d_in 200000 / d_sae 2000000 would allocate 1.6 TB; it is refused from the header."""
+    import json
+
+    ckpt = save_sae(random_sae(), str(tmp_path / "huge"), {"site": SITE})
+    with open(os.path.join(ckpt, "cfg.json")) as f:
+        cfg = json.load(f)
+    cfg["d_in"], cfg["sae"]["d_sae"] = 200_000, 2_000_000
+    with open(os.path.join(ckpt, "cfg.json"), "w") as f:
+        json.dump(cfg, f)
+    r = invoke(ckpt, "--config", config_file)
+    assert r.exit_code == 2
+    (line,) = error_lines(r)
+    assert line == (
+        f"error: {ckpt}: cfg.json declares d_in 200000, d_sae 2000000 but sae_weights.safetensors holds W_enc "
+        "(64, 128), W_dec (128, 64): the files do not belong together; save or pull it again"
+    )
+
+
+def test_garbage_weights_fail_with_one_line(config_file, tmp_path):
+    ckpt = save_sae(random_sae(), str(tmp_path / "garbage"), {"site": SITE})
+    with open(os.path.join(ckpt, "sae_weights.safetensors"), "wb") as f:
+        f.write(b"\x00" * 7)
+    r = invoke(ckpt, "--config", config_file)
+    assert r.exit_code == 2
+    (line,) = error_lines(r)
+    assert line.startswith(f"error: {ckpt}/sae_weights.safetensors is not a readable safetensors file (")
+    assert line.endswith("): save or pull the SAE again")
 
 
 @pytest.mark.parametrize(
