@@ -4,6 +4,7 @@
     <store>/activations/<hash of the activation identity>      Zarr activation store (storage/activations.py)
     <root>/checkpoints/<hash of the training group>/           safetensors checkpoints (storage/checkpoints.py)
     <root>/mlartifacts/                                        MLflow artifacts of the default SQLite store
+    <root>/downloads/<ref>-<hash of tracking URI>/             registered SAEs downloaded for evaluation
     <root>/mlflow.db                                           the default MLflow tracking store
 
 `<store>` defaults to `<root>/store` and may be an fsspec URL (s3://…); `<root>` is the config's local root.
@@ -32,6 +33,13 @@ def checkpoint_key(identity: dict[str, Any]) -> str:
 
 def checkpoint_url(root: str, key: str) -> str:
     return os.path.join(root, "checkpoints", key)
+
+
+def registry_download_dir(root: str, tracking_uri: str, ref: str) -> str:
+    """Where a registered SAE reference is downloaded for evaluation: one directory per reference and server, so
+    repeated evaluations replace it instead of leaving temporary copies behind."""
+    safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in ref)
+    return os.path.join(root, "downloads", f"{safe}-{config_hash({'tracking_uri': tracking_uri})[:8]}")
 
 
 def local_artifact_location(root: str) -> str:

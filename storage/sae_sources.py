@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass
 from typing import Literal
@@ -61,8 +62,9 @@ def sniff_format(directory: str) -> tuple[Literal["checkpoint", "saelens"], Reco
     raise SAEReferenceError(f"{path} is neither a saeflow nor a SAELens SAE config (no d_in/d_sae)")
 
 
-def locate_sae(ref: str, tracking_uri: str) -> LocatedSAE:
-    """Where reference `ref` is on disk and what it records; registered models are downloaded first."""
+def locate_sae(ref: str, tracking_uri: str, download_dir: str) -> LocatedSAE:
+    """Where reference `ref` is on disk and what it records; registered models are downloaded into
+    `download_dir` first (replacing what an earlier download left there)."""
     from saeflow.storage.tracking import pull
 
     if os.path.isdir(ref):
@@ -71,7 +73,8 @@ def locate_sae(ref: str, tracking_uri: str) -> LocatedSAE:
     if os.sep in ref.strip(os.sep).split(os.sep, 1)[-1] or ref.startswith((".", "~", os.sep)):
         raise SAEReferenceError(f"SAE directory {ref!r} does not exist")
     try:
-        path = pull(ref, tempfile.mkdtemp(prefix="saeflow-eval-"), tracking_uri)
+        shutil.rmtree(download_dir, ignore_errors=True)
+        path = pull(ref, download_dir, tracking_uri)
     except ValueError as e:
         raise SAEReferenceError(f"{ref!r} is not a directory, and {e}") from None
     return LocatedSAE("registry", path, sniff_format(path)[1])
@@ -88,5 +91,6 @@ def load_sae_source(kind: str, path: str, device="cpu") -> SAE:
 def load_sae_ref(ref: str, tracking_uri: str, device="cpu") -> SAE:
     """`saeflow.load_sae`: a checkpoint or SAELens directory as is, a registered model (`name@alias`, `name/3`)
     downloaded to a fresh temporary directory first."""
-    located = locate_sae(ref, tracking_uri)
-    return load_sae_source(located.kind, located.path, device)
+    with tempfile.TemporaryDirectory(prefix="saeflow-pull-") as tmp:  # loaded into memory, then removed
+        located = locate_sae(ref, tracking_uri, os.path.join(tmp, "sae"))
+        return load_sae_source(located.kind, located.path, device)

@@ -13,6 +13,7 @@ from torch import nn
 from saeflow.config import PipelineConfig
 from saeflow.sae.architectures.base import SAE
 from saeflow.sae.lm.sites import parse_site, site_module, site_width
+from saeflow.storage import layout
 from saeflow.storage.sae_sources import SAEReferenceError, load_sae_source, locate_sae
 from saeflow.tasks.common import loaded_model, run_logger
 
@@ -67,7 +68,7 @@ def load_reference(ref: SAEReference, device="cpu") -> SAE:
 @task(name="resolve-sae", cache_policy=NO_CACHE)
 def resolve_sae_reference(cfg: PipelineConfig, ref: str, site: str | None = None) -> SAEReference:
     """Find the SAE (downloading a registered one), load it once, and check it fits `site` of the config's model."""
-    located = locate_sae(ref, cfg.tracking_uri)
+    located = locate_sae(ref, cfg.tracking_uri, layout.registry_download_dir(cfg.root, cfg.tracking_uri, ref))
     kind, path = located.kind, located.path
     lm = loaded_model(cfg)
     sae = load_sae_source(kind, path, "cpu")

@@ -119,6 +119,31 @@ def test_registered_model_reference_resolves_to_the_same_sae(config_file, tmp_pa
         assert torch.equal(x, y)
 
 
+def test_downloads_go_to_one_place_under_the_root_and_leave_no_temporary_directories(
+    config_file, tmp_path, monkeypatch
+):
+    import tempfile
+
+    import saeflow
+
+    cfg = load_config(config_file)
+    ckpt = save_sae(random_sae(seed=2), str(tmp_path / "ckpt"), {"site": SITE})
+    tr = tracker(cfg)
+    run_id = tr.start_run("registered")
+    tr.log_artifacts(run_id, ckpt, "sae")
+    tr.set_alias("tiny.leak", "current", tr.register("tiny.leak", run_id, "sae", {}))
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    first = resolve_sae_reference.fn(cfg, "tiny.leak@current")
+    again = resolve_sae_reference.fn(cfg, "tiny.leak@current")
+    assert first.path == again.path and first.path.startswith(os.path.join(cfg.root, "downloads", "tiny.leak_current-"))
+    mine = [d for d in os.listdir(os.path.join(cfg.root, "downloads")) if d.startswith("tiny.leak")]
+    assert len(mine) == 1  # replaced, not piled up (the module's root is shared with other tests)
+    saeflow.load_sae("tiny.leak@current", tracking_uri=cfg.tracking_uri)
+    assert os.listdir(scratch) == []  # saeflow.load_sae loads into memory and removes its download
+
+
 def test_d_model_mismatch_fails_with_one_line(config_file, tmp_path):
     ckpt = save_sae(random_sae(d_in=32), str(tmp_path / "narrow"), {"site": SITE})
     r = invoke(ckpt, "--config", config_file)
