@@ -35,6 +35,18 @@ STATE_FORMAT = "saeflow.training_state/1"
 _STATE_DIR = re.compile(r"state-(\d+)")
 
 
+def give_normal_modes(directory: str) -> None:
+    """Every file under `directory` gets the mode a new file gets here (0666 minus the umask, 0644 usually).
+
+    The one policy for SAE files saeflow writes or pulls: safetensors writes weights 0600, MLflow copies keep
+    whatever the source had, and a pulled SAE should be as readable as its cfg.json."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for dirpath, _, names in os.walk(directory):
+        for name in names:
+            os.chmod(os.path.join(dirpath, name), 0o666 & ~umask)
+
+
 def save_sae(sae: SAE, directory: str, metadata: dict[str, Any] | None = None) -> str:
     """Write weights and config (architecture, d_in, hyperparameters, plus `metadata` such as site and model)."""
     os.makedirs(directory, exist_ok=True)
@@ -43,6 +55,7 @@ def save_sae(sae: SAE, directory: str, metadata: dict[str, Any] | None = None) -
     cfg = {"d_in": sae.d_in, "d_sae": sae.d_sae, "sae": sae.cfg.model_dump(), "metadata": metadata or {}}
     with open(os.path.join(directory, CONFIG), "w") as f:
         json.dump(cfg, f, indent=2, default=str)
+    give_normal_modes(directory)
     return directory
 
 

@@ -299,12 +299,14 @@ def pull(ref: str, dst: str, tracking_uri: str) -> str:
     """Download registered SAE `ref` into `dst`; returns the checkpoint directory (safetensors + cfg.json)."""
     import mlflow
 
-    from saeflow.storage.checkpoints import checkpoint_dir
+    from saeflow.storage.checkpoints import checkpoint_dir, give_normal_modes
 
     os.makedirs(dst, exist_ok=True)
     try:
         with process_uris(tracking_uri):
-            return checkpoint_dir(mlflow.artifacts.download_artifacts(artifact_uri=model_uri(ref), dst_path=dst))
+            path = mlflow.artifacts.download_artifacts(artifact_uri=model_uri(ref), dst_path=dst)
+        give_normal_modes(path)
+        return checkpoint_dir(path)
     except MlflowException as e:
         raise ValueError(f"cannot pull {ref!r} from {tracking_uri}: {e.message.splitlines()[0]}") from e
 

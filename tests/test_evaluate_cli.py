@@ -138,6 +138,10 @@ def test_downloads_go_to_one_place_under_the_root_and_leave_no_temporary_directo
     first = resolve_sae_reference.fn(cfg, "tiny.leak@current")
     again = resolve_sae_reference.fn(cfg, "tiny.leak@current")
     assert first.path == again.path and first.path.startswith(os.path.join(cfg.root, "downloads", "tiny.leak_current-"))
+    umask = os.umask(0)
+    os.umask(umask)
+    modes = {n: os.stat(os.path.join(first.path, n)).st_mode & 0o777 for n in os.listdir(first.path)}
+    assert modes == {"cfg.json": 0o666 & ~umask, "sae_weights.safetensors": 0o666 & ~umask}  # one policy
     mine = [d for d in os.listdir(os.path.join(cfg.root, "downloads")) if d.startswith("tiny.leak")]
     assert len(mine) == 1  # replaced, not piled up (the module's root is shared with other tests)
     saeflow.load_sae("tiny.leak@current", tracking_uri=cfg.tracking_uri)
