@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from saeflow.config import ConfigError, PipelineConfig, load_config
-from saeflow.env import default_tracking_uri
+from saeflow.env import default_tracking_uri, take_credentials
 from saeflow.sae.evaluation.frontier import higher_is_better
 from saeflow.sae.lm.models import ModelLoadError
 from saeflow.sae.lm.sites import SiteError
@@ -41,18 +41,22 @@ __all__ = [
 ]
 
 
+def _uri(tracking_uri: str | None) -> str:
+    return take_credentials(tracking_uri) if tracking_uri else default_tracking_uri()
+
+
 def pull(ref: str, dst: str, tracking_uri: str | None = None) -> str:
     """Download registered SAE `ref` (NAME, NAME@ALIAS, NAME/VERSION) into `dst`; returns the checkpoint directory."""
     from saeflow.storage.tracking import pull as pull_model
 
-    return pull_model(ref, dst, tracking_uri or default_tracking_uri())
+    return pull_model(ref, dst, _uri(tracking_uri))
 
 
 def list_models(pattern: str = "*", tracking_uri: str | None = None) -> list[VersionRow]:
     """Every version of the registered SAEs whose name matches the glob `pattern`, with aliases and metrics."""
     from saeflow.storage.registry import list_versions, open_registry
 
-    with open_registry(tracking_uri or default_tracking_uri()) as tr:
+    with open_registry(_uri(tracking_uri)) as tr:
         return list_versions(tr, pattern)
 
 
@@ -60,7 +64,7 @@ def promote(name: str, version: str, alias: str = "champion", tracking_uri: str 
     """Point `alias` of registered model `name` at `version` by hand; returns the version it pointed at before."""
     from saeflow.storage.registry import open_registry, promote_manually
 
-    with open_registry(tracking_uri or default_tracking_uri()) as tr:
+    with open_registry(_uri(tracking_uri)) as tr:
         return promote_manually(tr, name, version, alias)
 
 

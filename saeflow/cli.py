@@ -12,7 +12,9 @@ DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__
 
 
 def _fail(msg: str) -> None:
-    typer.secho(f"error: {msg}", fg="red", err=True)
+    from saeflow.env import redact
+
+    typer.secho(f"error: {redact(msg)}", fg="red", err=True)
     raise typer.Exit(2)
 
 

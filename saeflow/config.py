@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 import saeflow.sae as sae
+from saeflow.env import take_credentials
 from saeflow.sae.architectures.registry import ARCHITECTURES
 from saeflow.sae.lm.sites import parse_site
 from saeflow.sae.training import TrainingConfig
@@ -128,7 +129,8 @@ class EvalConfig(Strict):
 
 class TrackingConfig(Strict):
     uri: str | None = None
-    """MLflow tracking + registry URI; None = $MLFLOW_TRACKING_URI or a SQLite file under `root`."""
+    """MLflow tracking + registry URI; None = $MLFLOW_TRACKING_URI or a SQLite file under `root`. A `user:password@`
+    in it is moved to MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD and never stored, logged or shown."""
     experiment: str = "saeflow"
     """MLflow experiment the runs go to (created in MLflow's classic training view)."""
     ui_url: str | None = None
@@ -140,8 +142,14 @@ class TrackingConfig(Strict):
     """Alias pointed at each newly registered version ("newest"); None sets none. `challenger` and `champion` are
     set by the promotion gate (`promotion`)."""
 
+    @field_validator("uri")
+    @classmethod
+    def _credentials_to_environment(cls, uri: str | None) -> str | None:
+        return None if uri is None else take_credentials(uri)
+
     def resolved_uri(self, root: str) -> str:
-        return self.uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{os.path.abspath(root)}/mlflow.db"
+        env = os.environ.get("MLFLOW_TRACKING_URI")
+        return self.uri or (take_credentials(env) if env else f"sqlite:///{os.path.abspath(root)}/mlflow.db")
 
     def resolved_ui_url(self, tracking_uri: str) -> str:
         if self.ui_url:

@@ -1,0 +1,114 @@
+"""Faults around the data (issue 10): credentials in the tracking URI never leave the process environment."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from saeflow.config import validate_config
+
+SECRET = "s3cret-Pa55"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    """A real `mlflow server` on loopback (SQLite backend, local artifacts); its URL without credentials."""
+    port = _free_port()
+    exe = os.path.join(os.path.dirname(sys.executable), "mlflow")
+    log = open(tmp_path / "mlflow-server.log", "w")  # handed to the server for its life
+    proc = subprocess.Popen(
+        [
+            exe,
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            f"sqlite:///{tmp_path}/server.db",
+            "--default-artifact-root",
+            f"{tmp_path}/art",
+            "--artifacts-destination",
+            f"{tmp_path}/art",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"},
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(180):
+            try:
+                urllib.request.urlopen(url + "/health", timeout=2)
+                break
+            except OSError:
+                assert proc.poll() is None, (tmp_path / "mlflow-server.log").read_text()[-3000:]
+                time.sleep(1)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        log.close()
+
+
+def test_credentials_in_the_tracking_uri_move_to_the_environment(monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_USERNAME", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD", raising=False)
+    cfg = validate_config({"tracking": {"uri": f"https://alice:{SECRET}@mlflow.example.org:8443/base"}})
+    assert cfg.tracking.uri == cfg.tracking_uri == "https://mlflow.example.org:8443/base"
+    assert os.environ["MLFLOW_TRACKING_USERNAME"] == "alice" and os.environ["MLFLOW_TRACKING_PASSWORD"] == SECRET
+    assert SECRET not in json.dumps(cfg.model_dump(mode="json")) and SECRET not in yaml.safe_dump(cfg.model_dump())
+
+
+def test_a_pipeline_run_never_shows_the_tracking_password(prefect_server, make_config, mlflow_server, tmp_path):
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL
+
+    cfg = make_config(
+        extract={"sites": ["resid_post.1"]}, saes=[{"architecture": "topk", "k": 8, "expansion_factor": 4}]
+    )
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    authed = mlflow_server.replace("http://", f"http://alice:{SECRET}@")
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    exe = os.path.join(os.path.dirname(sys.executable), "saeflow")
+    res = subprocess.run(
+        [exe, "run", str(path), "--set", f"tracking.uri={authed}"], capture_output=True, text=True, env=env, timeout=900
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert SECRET not in res.stdout + res.stderr
+    assert f"tracking URI {mlflow_server}" in res.stdout
+    client = MlflowClient(mlflow_server, mlflow_server)
+    (exp,) = [e for e in client.search_experiments() if e.name == cfg.tracking.experiment]
+    runs = client.search_runs([exp.experiment_id])
+    assert runs
+    for run in runs:
+        assert SECRET not in json.dumps(run.data.params) + json.dumps(run.data.tags)
+    parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
+    resolved = client.download_artifacts(parent.info.run_id, "config/resolved.yaml", str(tmp_path))
+    with open(resolved) as f:
+        text = f.read()
+    assert SECRET not in text and mlflow_server in text
+    with get_client(sync_client=True) as prefect:
+        flow_runs = prefect.read_flow_runs()
+        logs = prefect.read_logs()
+    assert flow_runs and SECRET not in json.dumps([fr.parameters for fr in flow_runs], default=str)
+    assert SECRET not in " ".join(log.message for log in logs)
