@@ -7,6 +7,7 @@ from typing import Any
 from prefect import flow
 
 from saeflow.config import PipelineConfig
+from saeflow.storage.locks import root_lock
 from saeflow.tasks.evaluate import evaluate_sae_reference
 from saeflow.tasks.sae_reference import resolve_sae_reference
 from saeflow.tasks.tokenize import tokenize_dataset
@@ -17,8 +18,9 @@ from saeflow.tasks.tracking import publish_results
 def evaluate_sae(config: PipelineConfig, sae: str, site: str | None = None) -> dict[str, Any]:
     """Resolve and check the SAE against the config's model, tokenize (or reuse) the dataset, evaluate on the eval
     split (MATH §5, §5.1) and log to a new MLflow run."""
-    ref = resolve_sae_reference(config, sae, site)
-    tokens = tokenize_dataset(config)
-    out = evaluate_sae_reference(config, tokens, ref)
-    publish_results(config, out["run_id"], {out["site"]: {out["label"]: out["metrics"]}}, {})
-    return out
+    with root_lock(config.root):
+        ref = resolve_sae_reference(config, sae, site)
+        tokens = tokenize_dataset(config)
+        out = evaluate_sae_reference(config, tokens, ref)
+        publish_results(config, out["run_id"], {out["site"]: {out["label"]: out["metrics"]}}, {})
+        return out

@@ -8,6 +8,7 @@ from prefect import flow
 
 from saeflow.config import PipelineConfig
 from saeflow.storage.activations import ActivationStoreRef
+from saeflow.storage.locks import root_lock
 from saeflow.storage.tokens import TokenStoreRef
 from saeflow.tasks.evaluate import evaluate_site_saes
 from saeflow.tasks.extract import extract_activations
@@ -55,6 +56,11 @@ def run_tracked(
     """Open the MLflow parent run, tokenize and extract (unless given), train → evaluate → promote, then
     `report(run_id, results)` (the sweep's frontier; its dict joins the output), publish the results as Prefect
     artifacts and close the run (FAILED if a stage raised). Shared by the pipeline, sweep and retrain flows."""
+    with root_lock(config.root):  # one run per root: the stores, checkpoints and MLflow store there are ours
+        return _run_tracked(config, flow_name, tokens, acts, report)
+
+
+def _run_tracked(config, flow_name, tokens, acts, report) -> dict[str, Any]:
     run_id = start_pipeline_run(config, flow_name)
     results: dict[str, Any] = {}
     promotions: dict[str, Any] = {}

@@ -14,6 +14,7 @@ from saeflow.sae.evaluation.frontier import higher_is_better
 from saeflow.sae.lm.models import ModelLoadError
 from saeflow.sae.lm.sites import SiteError
 from saeflow.sae.training import NonFiniteLossError, TrainingMemoryError
+from saeflow.storage.locks import RootBusyError
 
 if TYPE_CHECKING:
     from saeflow.storage.registry import VersionRow
@@ -22,6 +23,7 @@ USER_ERRORS: tuple[type[Exception], ...] = (
     ConfigError,
     NonFiniteLossError,
     TrainingMemoryError,
+    RootBusyError,
     ModelLoadError,
     SiteError,
     FileNotFoundError,

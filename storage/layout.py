@@ -6,6 +6,7 @@
     <root>/mlartifacts/                                        MLflow artifacts of the default SQLite store
     <root>/downloads/<ref>-<hash of tracking URI>/             registered SAEs downloaded for evaluation
     <root>/mlflow.db                                           the default MLflow tracking store
+    <root>/.saeflow.lock                                       held by the one run using the root (storage/locks.py)
 
 `<store>` defaults to `<root>/store` and may be an fsspec URL (s3://…); `<root>` is the config's local root.
 Identities are JSON-able dicts: equal identities give the same location, so a finished store is found again.
@@ -40,6 +41,10 @@ def registry_download_dir(root: str, tracking_uri: str, ref: str) -> str:
     repeated evaluations replace it instead of leaving temporary copies behind."""
     safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in ref)
     return os.path.join(root, "downloads", f"{safe}-{config_hash({'tracking_uri': tracking_uri})[:8]}")
+
+
+def lock_path(root: str) -> str:
+    return os.path.join(root, ".saeflow.lock")
 
 
 def local_artifact_location(root: str) -> str:

@@ -22,6 +22,8 @@ MAX_PARAM_LEN = 6000
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 CLASSIC_TRAINING = "custom_model_development"
 """MLflow 3 opens experiments of this kind in its training view (runs, metrics, models), not its GenAI overview."""
+OWNER_TAG = "saeflow.root"
+"""Run tag: the root (absolute path) of the saeflow run that created the run."""
 MODEL_URI_TAG = "saeflow.model_uri"
 """Run tag naming the run's logged SAE model (`models:/m-…`)."""
 SAE_MODEL_CODE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "mlflow_sae_model.py")
@@ -83,9 +85,18 @@ def process_uris(uri: str):
 class Tracker:
     """Thin wrapper over MlflowClient for saeflow's run layout."""
 
-    def __init__(self, tracking_uri: str, experiment: str | None, artifact_location: str | None = None):
-        """`experiment` None: registry work only (listing, promoting); no experiment is looked up or created."""
+    def __init__(
+        self,
+        tracking_uri: str,
+        experiment: str | None,
+        artifact_location: str | None = None,
+        owner: str | None = None,
+    ):
+        """`experiment` None: registry work only (listing, promoting); no experiment is looked up or created.
+        `owner`: the root the runs belong to, tagged on every run (`saeflow.root`) so a later run holding that root
+        can tell the runs a killed process left RUNNING (`end_orphaned_runs`)."""
         self.tracking_uri = tracking_uri
+        self.owner = owner
         self.client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
         self.experiment_id: str | None = None
         if experiment is None:
@@ -115,7 +126,22 @@ class Tracker:
         tags = dict(tags or {})
         if parent_run_id:
             tags["mlflow.parentRunId"] = parent_run_id
+        if self.owner:
+            tags[OWNER_TAG] = self.owner
         return self.client.create_run(self.run_experiment(), run_name=name, tags=tags).info.run_id
+
+    def end_orphaned_runs(self) -> list[str]:
+        """Mark KILLED the runs of this owner still RUNNING. Call it only while holding the owner's root lock: then
+        no live process can be writing them, so they are what a killed run left behind. Returns their ids."""
+        if not self.owner:
+            return []
+        owner = self.owner.replace("'", "\\'")
+        runs = self.client.search_runs(
+            [self.run_experiment()], f"attributes.status = 'RUNNING' and tags.`{OWNER_TAG}` = '{owner}'"
+        )
+        for run in runs:
+            self.client.set_terminated(run.info.run_id, "KILLED")
+        return [r.info.run_id for r in runs]
 
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status=status)

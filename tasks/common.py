@@ -95,13 +95,13 @@ def tracker(cfg: PipelineConfig) -> Tracker:
     artifacts = None
     if cfg.tracking_uri.startswith("sqlite:") and not cfg.tracking.uri and "MLFLOW_TRACKING_URI" not in os.environ:
         artifacts = layout.local_artifact_location(cfg.root)
-    return _tracker(flow_run.id, cfg.tracking_uri, cfg.tracking.experiment, artifacts)
+    return _tracker(flow_run.id, cfg.tracking_uri, cfg.tracking.experiment, artifacts, os.path.abspath(cfg.root))
 
 
 @functools.lru_cache(maxsize=8)
-def _tracker(flow_run_id: str | None, uri: str, experiment: str, artifacts: str | None) -> Tracker:
+def _tracker(flow_run_id: str | None, uri: str, experiment: str, artifacts: str | None, owner: str) -> Tracker:
     # Keyed by flow run: a long-lived `saeflow serve` process looks the experiment up afresh for every run.
-    return Tracker(uri, experiment, artifacts)
+    return Tracker(uri, experiment, artifacts, owner)
 
 
 @functools.lru_cache(maxsize=1)

@@ -16,6 +16,9 @@ from saeflow.tasks.common import TRACKING_RETRIES, prefect_run_tags, run_logger,
 def start_pipeline_run(cfg: PipelineConfig, flow_name: str = "sae_pipeline") -> str:
     """Open the parent MLflow run and record the resolved config on it."""
     tr = tracker(cfg)
+    orphans = tr.end_orphaned_runs()  # the flow holds the root: RUNNING runs of this root are a killed run's
+    if orphans:
+        run_logger().warning(f"marked {len(orphans)} MLflow runs a killed run left RUNNING as KILLED: {orphans}")
     tags = {"saeflow.flow": flow_name, "model": cfg.model.name, **prefect_run_tags()}
     commit = code_version()
     if commit:

@@ -112,3 +112,59 @@ def test_a_pipeline_run_never_shows_the_tracking_password(prefect_server, make_c
         logs = prefect.read_logs()
     assert flow_runs and SECRET not in json.dumps([fr.parameters for fr in flow_runs], default=str)
     assert SECRET not in " ".join(log.message for log in logs)
+
+
+def test_a_second_run_on_a_busy_root_fails_at_once_naming_the_first(prefect_server, make_config, tmp_path):
+    """Two runs on one root would write the same stores and race to create the MLflow schema: the second one
+    fails before doing anything, and the lock dies with its holder (SIGKILL included)."""
+    import signal
+
+    from prefect.settings import PREFECT_API_URL
+
+    cfg = make_config()
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time\nfrom saeflow.storage.locks import root_lock\n"
+            f"with root_lock({cfg.root!r}):\n    print('held', flush=True)\n    time.sleep(120)\n",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
+        exe = os.path.join(os.path.dirname(sys.executable), "saeflow")
+        res = subprocess.run([exe, "run", str(path)], capture_output=True, text=True, env=env, timeout=300)
+        assert res.returncode == 2
+        lines = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
+        assert len(lines) == 1
+        assert lines[0].startswith(f"error: {cfg.root} is in use by saeflow pid {holder.pid} on {socket.gethostname()}")
+        assert lines[0].endswith("wait for it to finish, or run this one with another root (--set root=DIR)")
+        assert sorted(os.listdir(cfg.root)) == [".saeflow.lock"]  # no store, no MLflow database was started
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(30)
+    from saeflow.storage.locks import root_lock
+
+    with root_lock(cfg.root):  # the killed holder's lock went with it
+        pass
+
+
+def test_runs_a_killed_process_left_running_are_marked_killed_by_the_next_run(make_config, tmp_path):
+    from saeflow.storage.tracking import Tracker
+    from saeflow.tasks.common import tracker
+    from saeflow.tasks.tracking import start_pipeline_run
+
+    cfg = make_config()
+    tr = tracker(cfg)
+    parent = tr.start_run("killed")
+    nested = [tr.start_run(f"killed/{i}", parent) for i in range(2)]
+    other_root = Tracker(cfg.tracking_uri, cfg.tracking.experiment, owner=str(tmp_path / "elsewhere"))
+    foreign = other_root.start_run("someone else's")
+    new = start_pipeline_run.fn(cfg)
+    status = {r: tr.client.get_run(r).info.status for r in [parent, *nested, foreign, new]}
+    assert status == {parent: "KILLED", nested[0]: "KILLED", nested[1]: "KILLED", foreign: "RUNNING", new: "RUNNING"}
