@@ -9,6 +9,7 @@ from prefect import flow
 from saeflow.config import PipelineConfig
 from saeflow.storage.locks import root_lock
 from saeflow.tasks.evaluate import evaluate_sae_reference
+from saeflow.tasks.preflight import preflight
 from saeflow.tasks.sae_reference import resolve_sae_reference
 from saeflow.tasks.tokenize import tokenize_dataset
 from saeflow.tasks.tracking import publish_results
@@ -19,6 +20,7 @@ def evaluate_sae(config: PipelineConfig, sae: str, site: str | None = None) -> d
     """Resolve and check the SAE against the config's model, tokenize (or reuse) the dataset, evaluate on the eval
     split (MATH §5, §5.1) and log to a new MLflow run."""
     with root_lock(config.root):
+        preflight(config, train=False)
         ref = resolve_sae_reference(config, sae, site)
         tokens = tokenize_dataset(config)
         out = evaluate_sae_reference(config, tokens, ref)

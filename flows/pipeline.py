@@ -12,6 +12,7 @@ from saeflow.storage.locks import root_lock
 from saeflow.storage.tokens import TokenStoreRef
 from saeflow.tasks.evaluate import evaluate_site_saes
 from saeflow.tasks.extract import extract_activations
+from saeflow.tasks.preflight import preflight
 from saeflow.tasks.promote import promote_site_saes
 from saeflow.tasks.stats import compute_stats
 from saeflow.tasks.tokenize import tokenize_dataset
@@ -61,6 +62,7 @@ def run_tracked(
 
 
 def _run_tracked(config, flow_name, tokens, acts, report) -> dict[str, Any]:
+    preflight(config)
     run_id = start_pipeline_run(config, flow_name)
     results: dict[str, Any] = {}
     promotions: dict[str, Any] = {}

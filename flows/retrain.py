@@ -11,6 +11,7 @@ from saeflow.config import PipelineConfig
 from saeflow.flows.pipeline import run_tracked
 from saeflow.storage.locks import root_lock
 from saeflow.tasks.extract import extract_activations
+from saeflow.tasks.preflight import preflight
 from saeflow.tasks.retrain import plan_retraining, publish_skip
 from saeflow.tasks.tokenize import tokenize_dataset
 
@@ -20,6 +21,7 @@ def sae_retrain(config: PipelineConfig) -> dict[str, Any]:
     """Tokenize and extract the current data (reusing finished stores), decide whether to train, then train,
     evaluate and gate each SAE against its champion."""
     with root_lock(config.root):
+        preflight(config)
         tokens = tokenize_dataset(config)
         acts = extract_activations(config, tokens)
         plan = plan_retraining(config, acts)

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 from saeflow.config import ConfigError, PipelineConfig, load_config
 from saeflow.env import default_tracking_uri, take_credentials
+from saeflow.sae.device import DeviceError
 from saeflow.sae.evaluation.frontier import higher_is_better
 from saeflow.sae.lm.models import ModelLoadError
 from saeflow.sae.lm.sites import SiteError
@@ -24,6 +25,7 @@ USER_ERRORS: tuple[type[Exception], ...] = (
     NonFiniteLossError,
     TrainingMemoryError,
     RootBusyError,
+    DeviceError,
     ModelLoadError,
     SiteError,
     FileNotFoundError,

@@ -147,6 +147,14 @@ class TrackingConfig(Strict):
     def _credentials_to_environment(cls, uri: str | None) -> str | None:
         return None if uri is None else take_credentials(uri)
 
+    @field_validator("registered_model_prefix")
+    @classmethod
+    def _prefix_is_a_model_name(cls, prefix: str) -> str:
+        bad = sorted({c for c in prefix if c in "/:@"})
+        if bad:
+            raise ValueError(f"{prefix!r} contains {' '.join(bad)}, which MLflow model names cannot: use e.g. 'team.'")
+        return prefix
+
     def resolved_uri(self, root: str) -> str:
         env = os.environ.get("MLFLOW_TRACKING_URI")
         return self.uri or (take_credentials(env) if env else f"sqlite:///{os.path.abspath(root)}/mlflow.db")

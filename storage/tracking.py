@@ -301,6 +301,30 @@ class Tracker:
         self.client.set_registered_model_alias(name, alias, version)
 
 
+class TrackingUnreachableError(ValueError):
+    """The MLflow tracking server does not answer; str() is one line naming it and the fix."""
+
+
+def check_tracking_server(tracking_uri: str, timeout: float = 10.0) -> None:
+    """Fail fast, with one line, when an http(s) tracking URI does not answer its /health endpoint (MLflow's
+    own clients retry an unreachable server for minutes). Other URIs (sqlite, file, databricks) pass."""
+    import urllib.error
+    import urllib.request
+
+    if not tracking_uri.startswith(("http://", "https://")):
+        return
+    try:
+        urllib.request.urlopen(tracking_uri.rstrip("/") + "/health", timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return  # it answered: a server behind auth or a proxy may refuse /health, MLflow will say the rest
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        raise TrackingUnreachableError(
+            f"the MLflow tracking server {tracking_uri} does not answer ({reason}): start it, or set tracking.uri / "
+            "MLFLOW_TRACKING_URI to one that runs"
+        ) from None
+
+
 def registered_model_name(prefix: str, model: str, site: str, architecture: str) -> str:
     """One registered model per model/site/architecture; MLflow names may not contain '/', '@' or ':'."""
     base = model.removeprefix("pypi:")

@@ -54,6 +54,7 @@ def test_unknown_key_is_named(tmp_path):
         ("extract.sites=[resid_post]", "bad site 'resid_post'"),
         ("stats.normalize=l2", "stats.normalize"),
         ("tokens", "must look like key.path=value"),
+        ("tracking.registered_model_prefix=team/", "'team/' contains /, which MLflow model names cannot"),
     ],
 )
 def test_invalid_values_fail_with_one_line(override, fragment):
@@ -96,10 +97,10 @@ def test_unknown_site_fails_clearly_and_registers_nothing(prefect_server, make_c
     assert res.returncode == 2
     line = error_line(res)
     assert "resid_post.7 does not exist" in line and "3 blocks" in line
-    client = MlflowClient(cfg.tracking_uri, cfg.tracking_uri)
-    assert client.search_registered_models() == []
-    runs = client.search_runs([client.get_experiment_by_name("saeflow").experiment_id])
-    assert [r.info.status for r in runs] == ["FAILED"]
+    # The preflight check finds it before tokenization and before any MLflow run is opened.
+    assert not os.path.exists(os.path.join(cfg.root, "store")) and not os.path.exists(
+        os.path.join(cfg.root, "mlflow.db")
+    )
 
 
 @pytest.mark.parametrize(

@@ -168,3 +168,44 @@ def test_runs_a_killed_process_left_running_are_marked_killed_by_the_next_run(ma
     new = start_pipeline_run.fn(cfg)
     status = {r: tr.client.get_run(r).info.status for r in [parent, *nested, foreign, new]}
     assert status == {parent: "KILLED", nested[0]: "KILLED", nested[1]: "KILLED", foreign: "RUNNING", new: "RUNNING"}
+
+
+def _run_cli(cfg, tmp_path, *overrides, timeout=300) -> subprocess.CompletedProcess:
+    from prefect.settings import PREFECT_API_URL
+
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    exe = os.path.join(os.path.dirname(sys.executable), "saeflow")
+    sets = [a for o in overrides for a in ("--set", o)]
+    return subprocess.run([exe, "run", str(path), *sets], capture_output=True, text=True, env=env, timeout=timeout)
+
+
+def _one_error_line(res) -> str:
+    lines = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1, res.stderr[-3000:]
+    return lines[0]
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+def test_a_missing_device_is_one_line_before_tokenization(prefect_server, make_config, tmp_path):
+    cfg = make_config()
+    res = _run_cli(cfg, tmp_path, "model.device=cuda")
+    assert res.returncode == 2
+    assert _one_error_line(res) == (
+        "error: model.device is 'cuda' but this machine has no CUDA device (or a CPU-only torch): set "
+        "model.device=auto or cpu"
+    )
+    assert not os.path.exists(os.path.join(cfg.root, "store"))  # nothing tokenized
+
+
+def test_an_unreachable_tracking_server_is_one_line_within_seconds(prefect_server, make_config, tmp_path):
+    cfg = make_config()
+    t0 = time.monotonic()
+    res = _run_cli(cfg, tmp_path, "tracking.uri=http://127.0.0.1:9")
+    assert res.returncode == 2 and time.monotonic() - t0 < 120
+    line = _one_error_line(res)
+    assert line.startswith("error: the MLflow tracking server http://127.0.0.1:9 does not answer (")
+    assert line.endswith("start it, or set tracking.uri / MLFLOW_TRACKING_URI to one that runs")
+    assert not os.path.exists(os.path.join(cfg.root, "store"))
