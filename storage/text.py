@@ -76,6 +76,10 @@ def dataset_fingerprint(source: str, revision: str | None = None) -> str:
         return f"hub:{source}@{revision or 'main'}"
 
 
+class DatasetError(ValueError):
+    """A dataset that cannot give text; str() is one line naming the dataset, the row and the fix."""
+
+
 def load_texts(
     source: str, text_field: str = "text", split: str = "train", subset: str | None = None, revision: str | None = None
 ) -> Iterator[str]:
@@ -92,21 +96,32 @@ def load_texts(
             raise FileNotFoundError(
                 f"dataset.source {source!r} matches no .txt/.jsonl/.json/.parquet file: fix the path or glob"
             )
+        if all(os.path.getsize(f) == 0 for f in files):
+            raise DatasetError(
+                f"dataset.source {source!r}: every file is empty ({', '.join(files[:3])}): give files with documents"
+            )
         fmt = _FORMATS[os.path.splitext(files[0])[1]]
         ds = datasets.load_dataset(fmt, data_files=files, split="train", streaming=True)
     else:
         try:
             ds = datasets.load_dataset(source, subset, split=split, streaming=True, revision=revision)
         except Exception as e:
-            raise RuntimeError(
+            raise DatasetError(
                 f"cannot open Hub dataset {source!r} ({type(e).__name__}: {str(e).splitlines()[0][:200]}): "
                 "use local files or 'python-docs' on a machine without Hub access"
             ) from e
-    first = True
-    for row in ds:
-        if first and text_field not in row:
-            raise KeyError(
+    n = 0
+    for n, row in enumerate(ds, 1):
+        if n == 1 and text_field not in row:
+            raise DatasetError(
                 f"dataset {source!r} has no field {text_field!r}; set dataset.text_field to one of {sorted(row)}"
             )
-        first = False
-        yield row[text_field]
+        text = row.get(text_field)
+        if not isinstance(text, str):
+            raise DatasetError(
+                f"dataset {source!r} row {n}: {text_field!r} is {type(text).__name__} {str(text)[:40]!r}, not text: "
+                "fix or drop that row"
+            )
+        yield text
+    if n == 0:
+        raise DatasetError(f"dataset {source!r} has no rows: give a dataset with documents")

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypedDict
+from typing import Any, TypedDict
 
 from prefect import get_run_logger
 from prefect.exceptions import MissingContextError
+from prefect.states import State
 
 from saeflow.config import PipelineConfig
 from saeflow.sae.lm.models import LoadedModel, load_model
@@ -25,11 +27,25 @@ class RetryOptions(TypedDict, total=False):
     retries: int
     retry_delay_seconds: list[float]
     timeout_seconds: float
+    retry_condition_fn: Callable[[Any, Any, State], bool]
 
 
-TRACKING_RETRIES = RetryOptions(retries=3, retry_delay_seconds=[2, 10, 30], timeout_seconds=300)
+def retry_unless_bad_input(task: Any, task_run: Any, state: State) -> bool:
+    """Retry a failed task unless it failed on bad input (a wrong path, a field, a value): that fails again."""
+    try:
+        state.result()
+    except (ValueError, KeyError, TypeError, FileNotFoundError):
+        return False
+    except BaseException:
+        return True
+    return True
+
+
+TRACKING_RETRIES = RetryOptions(
+    retries=3, retry_delay_seconds=[2, 10, 30], timeout_seconds=300, retry_condition_fn=retry_unless_bad_input
+)
 """Task options for steps that only talk to the tracking server: a server blip is retried, a hang is cut off."""
-DOWNLOAD_RETRIES = RetryOptions(retries=2, retry_delay_seconds=[10, 60])
+DOWNLOAD_RETRIES = RetryOptions(retries=2, retry_delay_seconds=[10, 60], retry_condition_fn=retry_unless_bad_input)
 """Task options for steps that may download (model weights, a Hub dataset): transient network errors retry."""
 
 

@@ -209,3 +209,25 @@ def test_an_unreachable_tracking_server_is_one_line_within_seconds(prefect_serve
     assert line.startswith("error: the MLflow tracking server http://127.0.0.1:9 does not answer (")
     assert line.endswith("start it, or set tracking.uri / MLFLOW_TRACKING_URI to one that runs")
     assert not os.path.exists(os.path.join(cfg.root, "store"))
+
+
+@pytest.mark.parametrize(
+    "content, expected",
+    [
+        ("", "every file is empty"),
+        (
+            '{"text": "fine words"}\n{"text": null}\n',
+            "row 2: 'text' is NoneType 'None', not text: fix or drop that row",
+        ),
+        ('{"text": 5}\n', "row 1: 'text' is int '5', not text: fix or drop that row"),
+        ('{"body": "x"}\n', "has no field 'text'; set dataset.text_field to one of ['body']"),
+    ],
+)
+def test_a_dataset_without_text_is_one_line(prefect_server, make_config, tmp_path, content, expected):
+    data = tmp_path / "docs.jsonl"
+    data.write_text(content)
+    cfg = make_config(dataset={"source": str(data)})
+    res = _run_cli(cfg, tmp_path)
+    assert res.returncode == 2
+    line = _one_error_line(res)
+    assert line.startswith("error: dataset") and expected in line, line
