@@ -18,6 +18,15 @@ def _fail(msg: str) -> None:
     raise typer.Exit(2)
 
 
+def _prefect_api_answers_if_set() -> None:
+    """Flows run on the configured Prefect API, or on a temporary local server when none is set; a configured one
+    that is down fails here with one line, not after minutes of client retries."""
+    from prefect.settings import PREFECT_API_URL
+
+    if PREFECT_API_URL.value():
+        _prefect_api_or_fail()
+
+
 def _config(path: str | None, overrides: list[str]):
     from saeflow.api import load_config
     from saeflow.config import ConfigError
@@ -35,6 +44,7 @@ def run(
 ) -> None:
     """Run sae_pipeline: tokenize → extract → stats → train → evaluate → register."""
     cfg = _config(config, set_)
+    _prefect_api_answers_if_set()
     from saeflow.api import USER_ERRORS
     from saeflow.flows.pipeline import sae_pipeline
 
@@ -60,6 +70,7 @@ def sweep(
     cfg = _config(config, set_)
     if cfg.sweep is None:
         _fail(f"{config} has no `sweep:` section (see configs/sweep-demo.yaml); use `saeflow run` for plain runs")
+    _prefect_api_answers_if_set()
     from saeflow.api import USER_ERRORS, higher_is_better
     from saeflow.flows.sweep import sae_sweep
 
@@ -97,6 +108,7 @@ def evaluate(
 ) -> None:
     """Evaluate any SAE on the config's held-out tokens (MATH §5, §5.1) and log it to a new MLflow run."""
     cfg = _config(config, set_)
+    _prefect_api_answers_if_set()
     from saeflow.api import USER_ERRORS, check_sae_reference
     from saeflow.flows.evaluate import evaluate_sae
 

@@ -231,3 +231,19 @@ def test_a_dataset_without_text_is_one_line(prefect_server, make_config, tmp_pat
     assert res.returncode == 2
     line = _one_error_line(res)
     assert line.startswith("error: dataset") and expected in line, line
+
+
+def test_an_unreachable_prefect_api_is_one_line_within_seconds(make_config, tmp_path):
+    cfg = make_config()
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    env = {**os.environ, "PREFECT_API_URL": "http://127.0.0.1:9/api"}
+    exe = os.path.join(os.path.dirname(sys.executable), "saeflow")
+    t0 = time.monotonic()
+    res = subprocess.run([exe, "run", str(path)], capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 2 and time.monotonic() - t0 < 60
+    assert _one_error_line(res) == (
+        "error: the Prefect API at http://127.0.0.1:9/api does not answer (ConnectError): start it with "
+        "`prefect server start`"
+    )
+    assert not os.path.exists(cfg.root)
