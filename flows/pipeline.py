@@ -20,13 +20,6 @@ from saeflow.tasks.tracking import finish_pipeline_run, log_token_manifest, publ
 from saeflow.tasks.train import train_site_saes
 
 
-def training_groups(cfg: PipelineConfig) -> list[tuple[str, list]]:
-    """(site, SAE specs) per train task: all of a site's SAEs together, or one task per site × SAE."""
-    if cfg.train.group_by_site:
-        return [(site, list(cfg.saes)) for site in cfg.extract.sites]
-    return [(site, [spec]) for site in cfg.extract.sites for spec in cfg.saes]
-
-
 def train_and_evaluate(
     config: PipelineConfig,
     run_id: str,
@@ -40,7 +33,7 @@ def train_and_evaluate(
     still leaves what was done."""
     log_token_manifest(config, run_id, tokens)
     stats = compute_stats(config, acts, run_id)
-    for site, specs in training_groups(config):
+    for site, specs in config.training_groups():
         trained = train_site_saes(config, acts, stats[site], site, specs, run_id)
         metrics = evaluate_site_saes(config, tokens, stats[site], site, trained)
         results.setdefault(site, {}).update(metrics)
@@ -61,7 +54,13 @@ def run_tracked(
         return _run_tracked(config, flow_name, tokens, acts, report)
 
 
-def _run_tracked(config, flow_name, tokens, acts, report) -> dict[str, Any]:
+def _run_tracked(
+    config: PipelineConfig,
+    flow_name: str,
+    tokens: TokenStoreRef | None,
+    acts: ActivationStoreRef | None,
+    report,
+) -> dict[str, Any]:
     preflight(config)
     run_id = start_pipeline_run(config, flow_name)
     results: dict[str, Any] = {}

@@ -349,6 +349,12 @@ class PipelineConfig(Strict):
             raise ValueError(f"two SAE specs share the label {sorted(dup)}: give them distinct `name`s")
         return self
 
+    def training_groups(self) -> list[tuple[str, list[SAESpec]]]:
+        """(site, SAE specs) per train task: all of a site's SAEs together, or one task per site × SAE."""
+        if self.train.group_by_site:
+            return [(site, list(self.saes)) for site in self.extract.sites]
+        return [(site, [spec]) for site in self.extract.sites for spec in self.saes]
+
     @property
     def store_url(self) -> str:
         url = self.store or os.path.join(self.root, "store")  # the layout storage/layout.py documents

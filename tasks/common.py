@@ -49,6 +49,11 @@ DOWNLOAD_RETRIES = RetryOptions(retries=2, retry_delay_seconds=[10, 60], retry_c
 """Task options for steps that may download (model weights, a Hub dataset): transient network errors retry."""
 
 
+def group_label(site: str, specs: list) -> str:
+    """How a training group is named in logs and errors: `train <site> [<label>, ...]`."""
+    return f"train {site} [{', '.join(s.label() for s in specs)}]"
+
+
 def run_logger() -> logging.Logger | logging.LoggerAdapter:
     """The Prefect run logger inside a flow/task run; a plain logger when a task's `.fn` is called directly."""
     try:

@@ -10,7 +10,7 @@ from saeflow.sae.device import pick_device, require_device
 from saeflow.sae.lm.sites import site_module, site_width
 from saeflow.sae.training import check_training_memory, estimate_training_memory
 from saeflow.storage.tracking import check_tracking_server
-from saeflow.tasks.common import loaded_model, run_logger
+from saeflow.tasks.common import group_label, loaded_model, run_logger
 
 
 @task(name="preflight", cache_policy=NO_CACHE)
@@ -26,10 +26,7 @@ def preflight(cfg: PipelineConfig, train: bool = True) -> None:
     for site in cfg.extract.sites:
         site_module(lm.model, site)
     if train:
-        groups = [list(cfg.saes)] if cfg.train.group_by_site else [[spec] for spec in cfg.saes]
-        for site in cfg.extract.sites:
-            for specs in groups:
-                group = f"train {site} [{', '.join(s.label() for s in specs)}]"
-                est = estimate_training_memory(specs, site_width(lm.model, site), cfg.train.batch_size)
-                check_training_memory(est, pick_device(cfg.train.device), group)
+        for site, specs in cfg.training_groups():
+            est = estimate_training_memory(specs, site_width(lm.model, site), cfg.train.batch_size)
+            check_training_memory(est, pick_device(cfg.train.device), group_label(site, specs))
     run_logger().info(f"preflight: devices, tracking server {cfg.tracking_uri}, model and sites {cfg.extract.sites} ok")

@@ -24,7 +24,7 @@ from saeflow.storage.checkpoints import GroupRecord, clear_training_state, load_
 from saeflow.storage.registry import CHALLENGER
 from saeflow.storage.stats import SiteStats
 from saeflow.storage.tracking import StepLogger, open_sae_runs, publish_sae, registered_model_name
-from saeflow.tasks.common import TrainedSAE, prefect_run_tags, run_logger, tracker
+from saeflow.tasks.common import TrainedSAE, group_label, prefect_run_tags, run_logger, tracker
 from saeflow.tasks.versions import model_description, sae_metadata, version_tags
 
 
@@ -64,7 +64,7 @@ def train_site_saes(
     log = run_logger()
     t, scale = cfg.train, stats.scale
     total = t.tokens or stats.n_rows_used
-    group = f"train {site} [{', '.join(s.label() for s in specs)}]"
+    group = group_label(site, specs)
     buffer_bytes = training_buffer_bytes(acts, t.batch_size)
     est = estimate_training_memory(specs, acts.d_model, t.batch_size, buffer_bytes)
     log.info(f"train {site}: memory estimate {memory_report(est)}")

@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING, NamedTuple
 import torch
 
 from saeflow.sae.architectures.base import SAE, SAEConfig
+from saeflow.sae.architectures.registry import build_sae
+from saeflow.sae.device import pick_device
 
 if TYPE_CHECKING:
     from saeflow.sae.training.trainer import TrainingConfig
@@ -99,9 +101,6 @@ def build_training_group(
 ) -> list[SAE]:
     """The group's SAEs, built only once `est` is known to fit (`TrainingMemoryError` otherwise, nothing built):
     seeded with `cfg.seed`, each with input scale `scale` (MATH §4.1)."""
-    from saeflow.sae.architectures.registry import build_sae
-    from saeflow.sae.device import pick_device
-
     check_training_memory(est, pick_device(cfg.device), group)
     torch.manual_seed(cfg.seed)
     saes = [build_sae(spec, d_in) for spec in specs]
