@@ -16,7 +16,13 @@ from saeflow.tasks.preflight import preflight
 from saeflow.tasks.promote import promote_site_saes
 from saeflow.tasks.stats import compute_stats
 from saeflow.tasks.tokenize import tokenize_dataset
-from saeflow.tasks.tracking import finish_pipeline_run, log_token_manifest, publish_results, start_pipeline_run
+from saeflow.tasks.tracking import (
+    close_failed_run,
+    finish_pipeline_run,
+    log_token_manifest,
+    publish_results,
+    start_pipeline_run,
+)
 from saeflow.tasks.train import train_site_saes
 
 
@@ -74,7 +80,7 @@ def _run_tracked(
             extra = report(run_id, results)
         url = publish_results(config, run_id, results, promotions)
     except BaseException:
-        finish_pipeline_run(config, run_id, results, status="FAILED")
+        close_failed_run(config, run_id, results)
         raise
     finish_pipeline_run(config, run_id, results)
     return {"run_id": run_id, "mlflow_url": url, "metrics": results, "promotions": promotions, **extra}

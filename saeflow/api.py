@@ -15,7 +15,8 @@ from saeflow.sae.evaluation.frontier import higher_is_better
 from saeflow.sae.lm.models import ModelLoadError
 from saeflow.sae.lm.sites import SiteError
 from saeflow.sae.training import NonFiniteLossError, TrainingMemoryError
-from saeflow.storage.locks import RootBusyError
+from saeflow.storage.faults import environment_failure
+from saeflow.storage.locks import RootBusyError, RootNotWritableError
 
 if TYPE_CHECKING:
     from saeflow.storage.registry import VersionRow
@@ -25,6 +26,7 @@ USER_ERRORS: tuple[type[Exception], ...] = (
     NonFiniteLossError,
     TrainingMemoryError,
     RootBusyError,
+    RootNotWritableError,
     DeviceError,
     ModelLoadError,
     SiteError,
@@ -37,6 +39,7 @@ USER_ERRORS: tuple[type[Exception], ...] = (
 __all__ = [
     "USER_ERRORS",
     "check_sae_reference",
+    "environment_failure",
     "higher_is_better",
     "list_models",
     "load_config",

@@ -2,29 +2,93 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import sys
+from collections.abc import Callable, Iterator
+from typing import NoReturn, TypeVar
 
 import typer
+
+T = TypeVar("T")
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Train, evaluate and register SAEs.")
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "demo.yaml")
 
 
-def _fail(msg: str) -> None:
+def _fail(msg: str, exc: BaseException | None = None, code: int = 2) -> NoReturn:
+    """Print `error: msg` (one line, secrets redacted) and exit with `code`; `exc`'s traceback goes to the log file
+    of the command, and to the console as well under --debug."""
+    from saeflow import console
     from saeflow.env import redact
 
+    if exc is not None:
+        console.record_failure(redact(msg), exc)
     typer.secho(f"error: {redact(msg)}", fg="red", err=True)
-    raise typer.Exit(2)
+    raise typer.Exit(code)
 
 
-def _prefect_api_answers_if_set() -> None:
-    """Flows run on the configured Prefect API, or on a temporary local server when none is set; a configured one
-    that is down fails here with one line, not after minutes of client retries."""
+@app.callback()
+def _options(
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks (they always go to the log file)."),
+) -> None:
+    from saeflow import console
+
+    console.DEBUG = console.DEBUG or debug
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, handled as Ctrl-C is: the flow closes its runs (FAILED) and keeps its checkpoints."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def _prefect_api() -> Iterator[None]:
+    """The configured Prefect API (checked: one that is down fails here with one line, not after minutes of
+    client retries), or a temporary local server that lives exactly as long as this command."""
     from prefect.settings import PREFECT_API_URL
 
     if PREFECT_API_URL.value():
         _prefect_api_or_fail()
+        yield
+        return
+    from saeflow.local_server import temporary_prefect_server
+
+    with temporary_prefect_server():
+        yield
+
+
+def _execute(command: str, root: str | None, call: Callable[[], T]) -> T:
+    """Run a flow command: its log to a file, the Prefect API it needs, and every failure of the input or of the
+    machine (full disk, read-only root), and Ctrl-C or SIGTERM, as one `error:` line; anything else is a bug and
+    keeps its traceback."""
+    from saeflow import console
+    from saeflow.api import USER_ERRORS, environment_failure
+
+    console.start_logging(command, root)
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        with _prefect_api():
+            return call()
+    except USER_ERRORS as e:
+        _fail(str(e).strip("'\""), e)
+    except KeyboardInterrupt as e:
+        how, code = ("SIGTERM", 143) if isinstance(e, Terminated) else ("Ctrl-C", 130)
+        _fail(
+            f"interrupted ({how}): its MLflow runs are marked FAILED; rerun the same command to resume (finished "
+            "stages are reused, training continues from its last checkpoint)",
+            e,
+            code,
+        )
+    except Exception as e:
+        msg = environment_failure(e, root)
+        if msg is None:
+            raise
+        _fail(msg, e)
 
 
 def _config(path: str | None, overrides: list[str]):
@@ -44,14 +108,9 @@ def run(
 ) -> None:
     """Run sae_pipeline: tokenize → extract → stats → train → evaluate → register."""
     cfg = _config(config, set_)
-    _prefect_api_answers_if_set()
-    from saeflow.api import USER_ERRORS
     from saeflow.flows.pipeline import sae_pipeline
 
-    try:
-        out = sae_pipeline(cfg)
-    except USER_ERRORS as e:
-        _fail(str(e).strip("'\""))
+    out = _execute("run", cfg.root, lambda: sae_pipeline(cfg))
     typer.echo(f"MLflow parent run: {out['run_id']}  (tracking URI {cfg.tracking_uri})")
     for site, per_sae in out["metrics"].items():
         for label, m in per_sae.items():
@@ -70,14 +129,10 @@ def sweep(
     cfg = _config(config, set_)
     if cfg.sweep is None:
         _fail(f"{config} has no `sweep:` section (see configs/sweep-demo.yaml); use `saeflow run` for plain runs")
-    _prefect_api_answers_if_set()
-    from saeflow.api import USER_ERRORS, higher_is_better
+    from saeflow.api import higher_is_better
     from saeflow.flows.sweep import sae_sweep
 
-    try:
-        out = sae_sweep(cfg)
-    except USER_ERRORS as e:
-        _fail(str(e).strip("'\""))
+    out = _execute("sweep", cfg.root, lambda: sae_sweep(cfg))
     typer.echo(
         f"MLflow parent run: {out['run_id']}  (tracking URI {cfg.tracking_uri}); frontier/ holds the plots "
         "and comparison table"
@@ -108,15 +163,14 @@ def evaluate(
 ) -> None:
     """Evaluate any SAE on the config's held-out tokens (MATH §5, §5.1) and log it to a new MLflow run."""
     cfg = _config(config, set_)
-    _prefect_api_answers_if_set()
-    from saeflow.api import USER_ERRORS, check_sae_reference
+    from saeflow.api import check_sae_reference
     from saeflow.flows.evaluate import evaluate_sae
 
-    try:
+    def call():
         check_sae_reference(cfg, sae, site)  # fail fast, with one line, before Prefect starts a flow run
-        out = evaluate_sae(cfg, sae, site)
-    except USER_ERRORS as e:
-        _fail(str(e).strip("'\""))
+        return evaluate_sae(cfg, sae, site)
+
+    out = _execute("evaluate", cfg.root, call)
     typer.echo(f"MLflow run: {out['run_id']}  (tracking URI {cfg.tracking_uri})")
     typer.echo(f"{out['site']} · {out['label']}")
     for k, v in out["metrics"].items():

@@ -22,6 +22,15 @@ class RootBusyError(RuntimeError):
     """Another live saeflow run holds the root; str() is one line naming it and the fix."""
 
 
+class RootNotWritableError(RuntimeError):
+    """The root cannot be written (read-only file system, no permission); str() is one line naming it and the fix."""
+
+
+RESERVE_BYTES = 1 << 20
+"""Space set aside on the root's disk while a run holds it (`<root>/.saeflow.reserve`), freed when the run fails so
+that a full disk still leaves room to mark its MLflow runs FAILED in a SQLite store beside it."""
+
+
 _HELD: set[str] = set()
 """Roots this process holds (a flow that holds its root may call one that takes it again)."""
 
@@ -33,8 +42,14 @@ def root_lock(root: str) -> Iterator[None]:
     if path in _HELD:
         yield
         return
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise RootNotWritableError(
+            f"cannot write to the root {os.path.abspath(root)} ({e.strerror}): set root to a writable directory "
+            "(--set root=DIR)"
+        ) from e
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -55,6 +70,7 @@ def root_lock(root: str) -> Iterator[None]:
             ).encode(),
         )
         _HELD.add(path)
+        _set_aside(root)
         try:
             yield
         finally:
@@ -69,3 +85,17 @@ def _holder(fd: int) -> str:
         return f"saeflow pid {info['pid']} on {info['host']} (since {info['since']})"
     except (OSError, ValueError, KeyError):
         return "another saeflow run"
+
+
+def _set_aside(root: str) -> None:
+    try:
+        with open(layout.reserve_path(root), "wb") as f:
+            f.write(bytes(RESERVE_BYTES))
+    except OSError:  # already full: there is nothing to set aside, and the run will say so
+        pass
+
+
+def free_reserve(root: str) -> None:
+    """Give back the space `root_lock` set aside, so a run failing on a full disk can still close its runs."""
+    with contextlib.suppress(OSError):
+        os.remove(layout.reserve_path(root))

@@ -130,9 +130,10 @@ class Tracker:
             tags[OWNER_TAG] = self.owner
         return self.client.create_run(self.run_experiment(), run_name=name, tags=tags).info.run_id
 
-    def end_orphaned_runs(self) -> list[str]:
-        """Mark KILLED the runs of this owner still RUNNING. Call it only while holding the owner's root lock: then
-        no live process can be writing them, so they are what a killed run left behind. Returns their ids."""
+    def end_orphaned_runs(self, status: str = "KILLED") -> list[str]:
+        """Mark `status` the runs of this owner still RUNNING. Call it only while holding the owner's root lock: then
+        no other live process can be writing them, so they are what a killed run (KILLED) or this failing run
+        (FAILED) left open. Returns their ids."""
         if not self.owner:
             return []
         owner = self.owner.replace("'", "\\'")
@@ -140,7 +141,7 @@ class Tracker:
             [self.run_experiment()], f"attributes.status = 'RUNNING' and tags.`{OWNER_TAG}` = '{owner}'"
         )
         for run in runs:
-            self.client.set_terminated(run.info.run_id, "KILLED")
+            self.client.set_terminated(run.info.run_id, status)
         return [r.info.run_id for r in runs]
 
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:

@@ -7,6 +7,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from saeflow.config import PipelineConfig
+from saeflow.storage.locks import free_reserve
 from saeflow.storage.tokens import TokenStoreRef
 from saeflow.storage.tracking import code_version
 from saeflow.tasks.common import TRACKING_RETRIES, prefect_run_tags, run_logger, tracker
@@ -53,6 +54,19 @@ def finish_pipeline_run(cfg: PipelineConfig, run_id: str, results: dict[str, Any
     if results:
         tr.log_dict(run_id, results, "eval/summary.json")
     tr.end_run(run_id, status)
+
+
+def close_failed_run(cfg: PipelineConfig, run_id: str, results: dict[str, Any]) -> None:
+    """Mark the parent run and every run of this root still RUNNING (nested runs a failing task could not close)
+    FAILED, first giving back the space set aside on the root so a full disk leaves room for it. A plain call, not
+    a task: it runs while the flow fails or is interrupted, perhaps with its Prefect API gone, and must not wait on
+    retries. If it cannot, the next run on the root marks them KILLED."""
+    free_reserve(cfg.root)
+    try:
+        finish_pipeline_run.fn(cfg, run_id, results, status="FAILED")
+        tracker(cfg).end_orphaned_runs("FAILED")
+    except Exception as e:
+        run_logger().warning(f"could not mark MLflow run {run_id} FAILED ({type(e).__name__}: {e})")
 
 
 def _fmt(m: dict[str, Any], key: str) -> str:

@@ -144,7 +144,8 @@ def test_a_second_run_on_a_busy_root_fails_at_once_naming_the_first(prefect_serv
         assert len(lines) == 1
         assert lines[0].startswith(f"error: {cfg.root} is in use by saeflow pid {holder.pid} on {socket.gethostname()}")
         assert lines[0].endswith("wait for it to finish, or run this one with another root (--set root=DIR)")
-        assert sorted(os.listdir(cfg.root)) == [".saeflow.lock"]  # no store, no MLflow database was started
+        # no store, no MLflow database was started: only the holder's lock and reserve, and this command's log
+        assert sorted(os.listdir(cfg.root)) == [".saeflow.lock", ".saeflow.reserve", "logs"]
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait(30)
@@ -170,21 +171,49 @@ def test_runs_a_killed_process_left_running_are_marked_killed_by_the_next_run(ma
     assert status == {parent: "KILLED", nested[0]: "KILLED", nested[1]: "KILLED", foreign: "RUNNING", new: "RUNNING"}
 
 
-def _run_cli(cfg, tmp_path, *overrides, timeout=300) -> subprocess.CompletedProcess:
+SAEFLOW = os.path.join(os.path.dirname(sys.executable), "saeflow")
+
+
+def cli_env() -> dict[str, str]:
+    """The test's environment, with the CLI pointed at the session's Prefect server and the config's MLflow store."""
     from prefect.settings import PREFECT_API_URL
 
-    path = tmp_path / "cfg.yaml"
-    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
     env.pop("MLFLOW_TRACKING_URI", None)
-    exe = os.path.join(os.path.dirname(sys.executable), "saeflow")
+    return env
+
+
+def write_config(cfg, tmp_path) -> str:
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    return str(path)
+
+
+def _run_cli(cfg, tmp_path, *overrides, timeout=300, options=()) -> subprocess.CompletedProcess:
     sets = [a for o in overrides for a in ("--set", o)]
-    return subprocess.run([exe, "run", str(path), *sets], capture_output=True, text=True, env=env, timeout=timeout)
+    return subprocess.run(
+        [SAEFLOW, *options, "run", write_config(cfg, tmp_path), *sets],
+        capture_output=True,
+        text=True,
+        env=cli_env(),
+        timeout=timeout,
+    )
 
 
-def _one_error_line(res) -> str:
+def in_private_mounts(script: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run the shell `script` in a mount namespace of its own (`unshare -Urm`: no privileges needed where user
+    namespaces are allowed, as on this project's machines), where it may mount a small or read-only tmpfs that
+    disappears with it."""
+    return subprocess.run(
+        ["unshare", "-Urm", "sh", "-euc", script], capture_output=True, text=True, env=cli_env(), timeout=timeout
+    )
+
+
+def one_error_line(res) -> str:
+    """The one `error:` line of a failed command, which shows no traceback (those go to its log file)."""
     lines = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
     assert len(lines) == 1, res.stderr[-3000:]
+    assert "Traceback" not in res.stderr and "Logging error" not in res.stderr, res.stderr[-3000:]
     return lines[0]
 
 
@@ -193,7 +222,7 @@ def test_a_missing_device_is_one_line_before_tokenization(prefect_server, make_c
     cfg = make_config()
     res = _run_cli(cfg, tmp_path, "model.device=cuda")
     assert res.returncode == 2
-    assert _one_error_line(res) == (
+    assert one_error_line(res) == (
         "error: model.device is 'cuda' but this machine has no CUDA device (or a CPU-only torch): set "
         "model.device=auto or cpu"
     )
@@ -205,7 +234,7 @@ def test_an_unreachable_tracking_server_is_one_line_within_seconds(prefect_serve
     t0 = time.monotonic()
     res = _run_cli(cfg, tmp_path, "tracking.uri=http://127.0.0.1:9")
     assert res.returncode == 2 and time.monotonic() - t0 < 120
-    line = _one_error_line(res)
+    line = one_error_line(res)
     assert line.startswith("error: the MLflow tracking server http://127.0.0.1:9 does not answer (")
     assert line.endswith("start it, or set tracking.uri / MLFLOW_TRACKING_URI to one that runs")
     assert not os.path.exists(os.path.join(cfg.root, "store"))
@@ -229,8 +258,37 @@ def test_a_dataset_without_text_is_one_line(prefect_server, make_config, tmp_pat
     cfg = make_config(dataset={"source": str(data)})
     res = _run_cli(cfg, tmp_path)
     assert res.returncode == 2
-    line = _one_error_line(res)
+    line = one_error_line(res)
     assert line.startswith("error: dataset") and expected in line, line
+    (log,) = os.listdir(os.path.join(cfg.root, "logs"))  # the traceback is kept in the command's log file
+    assert log.startswith("run-") and log.endswith(".log")
+    with open(os.path.join(cfg.root, "logs", log)) as f:
+        text = f.read()
+    assert "Traceback (most recent call last)" in text and "saeflow.storage.text.DatasetError: dataset" in text
+
+
+def test_debug_shows_the_traceback_behind_the_error_line(prefect_server, make_config, tmp_path):
+    data = tmp_path / "docs.jsonl"
+    data.write_text("")
+    cfg = make_config(dataset={"source": str(data)})
+    res = _run_cli(cfg, tmp_path, options=["--debug"])
+    assert res.returncode == 2
+    assert "Traceback (most recent call last)" in res.stderr
+    assert res.stderr.rstrip().splitlines()[-1].startswith(f"error: dataset.source {str(data)!r}: every file is empty")
+
+
+def test_a_read_only_root_is_one_line_before_anything_starts(prefect_server, tiny_gpt2_dir, tmp_path):
+    from tests.conftest import tiny_config
+
+    mount = tmp_path / "ro"
+    mount.mkdir()
+    cfg = tiny_config(str(mount / "work"), tiny_gpt2_dir)
+    res = in_private_mounts(f"mount -t tmpfs -o ro tmpfs {mount}\nexec {SAEFLOW} run {write_config(cfg, tmp_path)}")
+    assert res.returncode == 2, res.stderr[-3000:]
+    assert one_error_line(res) == (
+        f"error: cannot write to the root {mount}/work (Read-only file system): set root to a writable directory "
+        "(--set root=DIR)"
+    )
 
 
 def test_an_unreachable_prefect_api_is_one_line_within_seconds(make_config, tmp_path):
@@ -242,7 +300,7 @@ def test_an_unreachable_prefect_api_is_one_line_within_seconds(make_config, tmp_
     t0 = time.monotonic()
     res = subprocess.run([exe, "run", str(path)], capture_output=True, text=True, env=env, timeout=300)
     assert res.returncode == 2 and time.monotonic() - t0 < 60
-    assert _one_error_line(res) == (
+    assert one_error_line(res) == (
         "error: the Prefect API at http://127.0.0.1:9/api does not answer (ConnectError): start it with "
         "`prefect server start`"
     )

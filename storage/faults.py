@@ -1,0 +1,28 @@
+"""Failures of the machine under the stored bytes, recognised in any exception chain: a full disk, a read-only file
+system. They are neither saeflow's bugs nor bad input, so they get one line (the CLI) and no retries (the tasks)."""
+
+from __future__ import annotations
+
+import errno
+
+_NO_SPACE = {errno.ENOSPC, errno.EDQUOT}
+
+
+def environment_failure(exc: BaseException, root: str | None = None) -> str | None:
+    """One line for a failure of the machine rather than of saeflow or its input, found anywhere in the chain of
+    `exc` (MLflow and Prefect wrap what they hit): a full disk or a read-only file system. None for anything else."""
+    on = f" where the root ({root}) and its store live" if root else ""
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        where = f" writing {e.filename}" if isinstance(e, OSError) and e.filename else ""
+        if (isinstance(e, OSError) and e.errno in _NO_SPACE) or "database or disk is full" in str(e):
+            return (
+                f"no space left on the disk{where}: free some{on} (or set root/store to a bigger disk) and rerun "
+                "the same command; finished stages are reused and training resumes from its last checkpoint"
+            )
+        if isinstance(e, OSError) and e.errno == errno.EROFS:
+            return f"read-only file system{where}: set root (and store) to a writable directory (--set root=DIR)"
+        e = e.__cause__ or e.__context__
+    return None
