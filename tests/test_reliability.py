@@ -173,3 +173,71 @@ exit $rc
     assert [r.info.status for r in client.search_runs([exp.experiment_id])] == ["FAILED"] * 3
     # resumable once there is space: a complete training state is kept (a save cut short never replaces one)
     assert any(name.startswith("state-") for name in (out / "checkpoints").read_text().split())
+
+
+class MlflowServer:
+    """A real `mlflow server` on a fixed loopback port (SQLite backend, proxied artifacts) that can be killed and
+    started again on the same port and store."""
+
+    def __init__(self, tmp_path):
+        from tests.test_faults import _free_port
+
+        self.tmp_path, self.port = tmp_path, _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        import sys
+        import urllib.request
+
+        exe = os.path.join(os.path.dirname(sys.executable), "mlflow")
+        store = ["--backend-store-uri", f"sqlite:///{self.tmp_path}/server.db"]
+        art = ["--artifacts-destination", str(self.tmp_path / "art")]
+        self.proc = subprocess.Popen(
+            [exe, "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1", *store, *art],
+            stdout=open(self.tmp_path / "mlflow-server.log", "a"),  # the server owns it
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"},
+            start_new_session=True,  # its workers go with it when killed as a group
+        )
+        for _ in range(180):
+            try:
+                urllib.request.urlopen(self.url + "/health", timeout=2)
+                return
+            except OSError:
+                assert self.proc.poll() is None, (self.tmp_path / "mlflow-server.log").read_text()[-3000:]
+                time.sleep(0.5)
+        raise AssertionError("mlflow server did not start")
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(30)
+
+
+def test_a_tracking_server_down_for_seconds_mid_training_does_not_fail_the_run(prefect_server, make_config, tmp_path):
+    """MLflow's client retries a refused request with backoff (7 tries, about 4 minutes, MLflow's defaults) and
+    the tracking tasks retry on top: a server restarted within that window loses nothing."""
+    server = MlflowServer(tmp_path)
+    server.start()
+    try:
+        cfg = one_site_config(make_config)
+        proc = start_cli(write_config(cfg, tmp_path), tmp_path, None, *LONG_TRAINING, f"tracking.uri={server.url}")
+        wait_for_line(proc, tmp_path / "stderr", "checkpoint at")
+        server.kill()
+        time.sleep(5)
+        assert proc.poll() is None  # waiting on the tracking server, not failed
+        server.start()
+        assert proc.wait(600) == 0, (tmp_path / "stderr").read_text()[-3000:]
+        client = MlflowClient(server.url, server.url)
+        (exp,) = [e for e in client.search_experiments() if e.name == cfg.tracking.experiment]
+        runs = client.search_runs([exp.experiment_id])
+        assert [r.info.status for r in runs] == ["FINISHED"] * 3
+        for r in runs:
+            if "mlflow.parentRunId" in r.data.tags:  # every training step reached the server, none twice
+                steps = [m.step for m in client.get_metric_history(r.info.run_id, "train/loss")]
+                assert steps == sorted(set(steps)) and steps[-1] >= 58000
+        assert len(client.search_registered_models()) == 2
+    finally:
+        if server.proc and server.proc.poll() is None:
+            server.kill()
