@@ -7,6 +7,7 @@ from typing import Any
 from prefect import flow
 
 from saeflow.config import PipelineConfig
+from saeflow.storage.integrity import locate_corruption
 from saeflow.storage.locks import root_lock
 from saeflow.tasks.evaluate import evaluate_sae_reference
 from saeflow.tasks.preflight import preflight
@@ -23,6 +24,11 @@ def evaluate_sae(config: PipelineConfig, sae: str, site: str | None = None) -> d
         preflight(config, train=False)
         ref = resolve_sae_reference(config, sae, site)
         tokens = tokenize_dataset(config)
-        out = evaluate_sae_reference(config, tokens, ref)
+        try:
+            out = evaluate_sae_reference(config, tokens, ref)
+        except Exception as e:
+            if named := locate_corruption(e, {"token store": tokens}):
+                raise named from e
+            raise
         publish_results(config, out["run_id"], {out["site"]: {out["label"]: out["metrics"]}}, {})
         return out

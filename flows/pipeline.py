@@ -8,6 +8,7 @@ from prefect import flow
 
 from saeflow.config import PipelineConfig
 from saeflow.storage.activations import ActivationStoreRef
+from saeflow.storage.integrity import locate_corruption
 from saeflow.storage.locks import root_lock
 from saeflow.storage.tokens import TokenStoreRef
 from saeflow.tasks.evaluate import evaluate_site_saes
@@ -79,8 +80,10 @@ def _run_tracked(
         if report is not None:
             extra = report(run_id, results)
         url = publish_results(config, run_id, results, promotions)
-    except BaseException:
+    except BaseException as e:
         close_failed_run(config, run_id, results)
+        if named := locate_corruption(e, {"token store": tokens, "activation store": acts}):
+            raise named from e
         raise
     finish_pipeline_run(config, run_id, results)
     return {"run_id": run_id, "mlflow_url": url, "metrics": results, "promotions": promotions, **extra}

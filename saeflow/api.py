@@ -16,6 +16,7 @@ from saeflow.sae.lm.models import ModelLoadError
 from saeflow.sae.lm.sites import SiteError
 from saeflow.sae.training import NonFiniteLossError, TrainingMemoryError
 from saeflow.storage.faults import environment_failure
+from saeflow.storage.integrity import CorruptChunkError
 from saeflow.storage.locks import RootBusyError, RootNotWritableError
 
 if TYPE_CHECKING:
@@ -27,6 +28,7 @@ USER_ERRORS: tuple[type[Exception], ...] = (
     TrainingMemoryError,
     RootBusyError,
     RootNotWritableError,
+    CorruptChunkError,
     DeviceError,
     ModelLoadError,
     SiteError,

@@ -48,12 +48,11 @@ def _on_sigterm(signum, frame) -> None:
 
 @contextlib.contextmanager
 def _prefect_api() -> Iterator[None]:
-    """The configured Prefect API (checked: one that is down fails here with one line, not after minutes of
-    client retries), or a temporary local server that lives exactly as long as this command."""
+    """The configured Prefect API (checked before anything is written: one that is down fails with one line, not
+    after minutes of client retries), or a temporary local server that lives exactly as long as this command."""
     from prefect.settings import PREFECT_API_URL
 
     if PREFECT_API_URL.value():
-        _prefect_api_or_fail()
         yield
         return
     from saeflow.local_server import temporary_prefect_server
@@ -66,9 +65,13 @@ def _execute(command: str, root: str | None, call: Callable[[], T]) -> T:
     """Run a flow command: its log to a file, the Prefect API it needs, and every failure of the input or of the
     machine (full disk, read-only root), and Ctrl-C or SIGTERM, as one `error:` line; anything else is a bug and
     keeps its traceback."""
+    from prefect.settings import PREFECT_API_URL
+
     from saeflow import console
     from saeflow.api import USER_ERRORS, environment_failure
 
+    if PREFECT_API_URL.value():
+        _prefect_api_or_fail()
     console.start_logging(command, root)
     signal.signal(signal.SIGTERM, _on_sigterm)
     try:

@@ -57,9 +57,9 @@ class _LogFile(logging.FileHandler):
 def start_logging(command: str, root: str | None) -> str:
     """Route Prefect's and saeflow's logs: the console without tracebacks (unless DEBUG), and everything at INFO
     with tracebacks to a new log file, whose path is returned."""
-    import mlflow  # noqa: F401  # MLflow and Prefect configure their loggers on import; ours goes on top
-    import prefect  # noqa: F401
+    import prefect  # noqa: F401  # Prefect and MLflow configure their loggers on import; ours goes on top
 
+    import saeflow.storage.tracking  # noqa: F401  # imports MLflow (only storage/ imports it)
     from saeflow.storage import layout
 
     root_logger = logging.getLogger()

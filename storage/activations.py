@@ -13,7 +13,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from saeflow.storage.zarr_io import array, open_group
+from saeflow.storage.integrity import CHUNK_CODECS, chunks_missing, first_bad_chunk
+from saeflow.storage.zarr_io import WRITE_EVERY_CHUNK, array, open_group
 
 TARGET_CHUNK_ROWS = 4096
 
@@ -37,6 +38,24 @@ class ActivationStoreRef:
         g = open_group(self.url, mode="r")
         key = f"{site}/outlier_rows"
         return np.asarray(array(g, key)[:]) if key in g else np.zeros(0, dtype=np.int64)
+
+    def mark_first_bad_chunk(self) -> tuple[str, int, str] | None:
+        """Find the first chunk of any site that does not read back; mark the store unfinished from that chunk on
+        (extraction resumes there) and return (array URL, chunk, kind). Damaged outlier rows drop the site's
+        statistics instead (the stats stage recomputes both)."""
+        for site in self.sites:
+            bad = first_bad_chunk(self.array(site))
+            if bad is not None:
+                g = open_group(self.url, mode="r+")
+                rows_done = min(int(str(g.attrs["rows_done"])), bad[0] * self.chunk_rows)
+                g.attrs.update({"rows_done": rows_done, "complete": False})
+                return f"{self.url}/{site}/acts", *bad
+            g = open_group(self.url, mode="r")
+            if f"{site}/outlier_rows" in g and (bad := first_bad_chunk(array(g, f"{site}/outlier_rows"))):
+                acts = array(open_group(self.url, mode="r+"), f"{site}/acts")
+                acts.attrs.update({"stats": None})
+                return f"{self.url}/{site}/outlier_rows", *bad
+        return None
 
     def manifest(self, site: str) -> dict[str, Any]:
         a = self.array(site)
@@ -98,7 +117,12 @@ class ActivationWriter:
             g = open_group(url, mode="w")  # different producer (or nothing yet): start clean
             for s in sites:
                 g.create_group(s).create_array(
-                    "acts", shape=(self.n_rows, d_model), chunks=(self.chunk_rows, d_model), dtype=dtype
+                    "acts",
+                    shape=(self.n_rows, d_model),
+                    chunks=(self.chunk_rows, d_model),
+                    dtype=dtype,
+                    compressors=CHUNK_CODECS,
+                    config=WRITE_EVERY_CHUNK,
                 )
                 g[f"{s}/acts"].attrs.update({"site": s, **site_attrs})
             g.attrs.update(
@@ -117,6 +141,8 @@ class ActivationWriter:
         self.group = g
         self.arrays = {s: array(g, f"{s}/acts") for s in sites}
         self.rows_done = int(str(g.attrs["rows_done"]))
+        if any(chunks_missing(a, self.rows_done) for a in self.arrays.values()):
+            self.rows_done = 0  # a chunk counted as written has no file: write them all again
         self.buffers: dict[str, list[np.ndarray]] = {s: [] for s in sites}
 
     @property

@@ -79,16 +79,22 @@ def record_decision(tr: Tracker, name: str, version: str, decision: PromotionDec
 def open_registry(tracking_uri: str) -> Iterator[Tracker]:
     """A registry-only tracker (no experiment, no runs). A missing local SQLite store or an unreachable server is a
     RegistryError with one line, and nothing is created."""
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")  # a down server answers in seconds, not minutes
     if tracking_uri.startswith("sqlite:///") and not os.path.exists(tracking_uri.removeprefix("sqlite:///")):
         raise RegistryError(
             f"no MLflow store at {tracking_uri}: run `saeflow run` first, or pass --tracking-uri / set "
             "MLFLOW_TRACKING_URI"
         )
+    # A down server answers in seconds, not minutes: one retry, for the registry call only (MLflow reads the
+    # variable per request; leaving it set would cut every later client's retries in this process to one).
+    key, before = "MLFLOW_HTTP_REQUEST_MAX_RETRIES", os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES")
+    os.environ.setdefault(key, "1")
     try:
         yield Tracker(tracking_uri, None)
     except MlflowException as e:
         raise RegistryError(f"MLflow at {tracking_uri}: {e.message.splitlines()[0][:300]}") from None
+    finally:
+        if before is None:
+            os.environ.pop(key, None)
 
 
 def promote_manually(tr: Tracker, name: str, version: str, alias: str = CHAMPION) -> str | None:

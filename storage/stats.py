@@ -18,7 +18,8 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict
 
 from saeflow.storage.activations import ActivationStoreRef
-from saeflow.storage.zarr_io import array, open_group
+from saeflow.storage.integrity import CHUNK_CODECS
+from saeflow.storage.zarr_io import WRITE_EVERY_CHUNK, array, open_group
 
 
 class SiteStats(BaseModel):
@@ -167,7 +168,14 @@ def save_site_stats(ref: ActivationStoreRef, site: str, stats: SiteStats, outlie
     (rows first: statistics present means their outlier rows are too)."""
     g = open_group(ref.url, mode="a")
     rows = np.asarray(outlier_rows, dtype=np.int64)
-    a = g.require_group(site).create_array("outlier_rows", shape=rows.shape, dtype="int64", overwrite=True)
+    a = g.require_group(site).create_array(
+        "outlier_rows",
+        shape=rows.shape,
+        dtype="int64",
+        overwrite=True,
+        compressors=CHUNK_CODECS,
+        config=WRITE_EVERY_CHUNK,
+    )
     if len(rows):
         a[:] = rows
     array(g, f"{site}/acts").attrs["stats"] = stats.model_dump(mode="json")

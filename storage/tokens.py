@@ -10,7 +10,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from saeflow.storage.zarr_io import array, open_group
+from saeflow.storage.integrity import CHUNK_CODECS, chunks_missing, first_bad_chunk
+from saeflow.storage.zarr_io import WRITE_EVERY_CHUNK, array, open_group
 
 WINDOWS_PER_CHUNK = 256
 
@@ -24,6 +25,15 @@ class TokenStoreRef:
     n_eval: int
     context_size: int
     content_hash: str
+
+    def mark_first_bad_chunk(self) -> tuple[str, int, str] | None:
+        """Find the first chunk that does not read back; mark the store unfinished (the next run writes it again)
+        and return (array URL, chunk, kind)."""
+        bad = first_bad_chunk(array(open_group(self.url, mode="r"), "tokens"))
+        if bad is None:
+            return None
+        open_group(self.url, mode="r+").attrs["complete"] = False
+        return f"{self.url}/tokens", *bad
 
     def manifest(self) -> dict[str, Any]:
         g = open_group(self.url, mode="r")
@@ -47,7 +57,7 @@ def open_token_store(url: str) -> TokenStoreRef | None:
     except Exception:
         return None
     a = dict(g.attrs)
-    if not a.get("complete"):
+    if not a.get("complete") or chunks_missing(array(g, "tokens"), int(str(a["n_train"])) + int(str(a["n_eval"]))):
         return None
     return TokenStoreRef(
         url, int(str(a["n_train"])), int(str(a["n_eval"])), int(str(a["context_size"])), str(a["content_hash"])
@@ -70,7 +80,14 @@ def write_token_store(
     """
     total = n_train + n_eval
     g = open_group(url, mode="w")
-    arr = g.create_array("tokens", shape=(total, context_size), chunks=(WINDOWS_PER_CHUNK, context_size), dtype="int32")
+    arr = g.create_array(
+        "tokens",
+        shape=(total, context_size),
+        chunks=(WINDOWS_PER_CHUNK, context_size),
+        dtype="int32",
+        compressors=CHUNK_CODECS,
+        config=WRITE_EVERY_CHUNK,
+    )
     digest = hashlib.sha256()
     buf: list[np.ndarray] = []
     written = 0

@@ -8,6 +8,7 @@ import os
 from typing import Any, Literal
 
 import zarr
+from zarr.core.array_spec import ArrayConfigParams
 
 
 def local_path(url: str) -> str | None:
@@ -31,9 +32,16 @@ def open_group(url: str, mode: Literal["r", "r+", "a", "w", "w-"] = "a") -> zarr
     return zarr.open_group(url, mode=mode)
 
 
+WRITE_EVERY_CHUNK: ArrayConfigParams = {"write_empty_chunks": True}
+"""Array config of every saeflow array: a chunk equal to the fill value is written too (zarr skips it by default),
+so a missing chunk file always means a lost chunk (storage/integrity.py)."""
+
+
 def array(group: zarr.Group, name: str) -> zarr.Array:
-    """The array `name` of `group` (a typed lookup: a group member may also be a sub-group)."""
-    member = group[name]
+    """The array `name` of `group` (a typed lookup: a group member may also be a sub-group), opened to write every
+    chunk (`WRITE_EVERY_CHUNK`; zarr binds that when the array is opened)."""
+    with zarr.config.set({"array.write_empty_chunks": WRITE_EVERY_CHUNK["write_empty_chunks"]}):
+        member = group[name]
     if not isinstance(member, zarr.Array):
         raise TypeError(f"{name!r} in the Zarr store is a group, not an array")
     return member

@@ -16,6 +16,7 @@ from saeflow.config import PipelineConfig
 from saeflow.sae.lm.models import LoadedModel, load_model
 from saeflow.storage import layout
 from saeflow.storage.faults import environment_failure
+from saeflow.storage.integrity import corruption_kind
 from saeflow.storage.model_files import resolve_model_source
 from saeflow.storage.text import dataset_fingerprint
 from saeflow.storage.tokens import TokenStoreRef
@@ -32,14 +33,14 @@ class RetryOptions(TypedDict, total=False):
 
 
 def retry_unless_bad_input(task: Any, task_run: Any, state: State) -> bool:
-    """Retry a failed task unless it failed on bad input (a wrong path, a field, a value) or on the machine (a full
-    disk, a read-only file system): those fail again."""
+    """Retry a failed task unless it failed on bad input (a wrong path, a field, a value), on the machine (a full
+    disk, a read-only file system) or on a damaged chunk: those fail again."""
     try:
         state.result()
     except (ValueError, KeyError, TypeError, FileNotFoundError):
         return False
     except BaseException as e:
-        return environment_failure(e) is None
+        return environment_failure(e) is None and corruption_kind(e) is None
     return True
 
 

@@ -200,10 +200,22 @@ def _run_cli(cfg, tmp_path, *overrides, timeout=300, options=()) -> subprocess.C
     )
 
 
+def _private_mounts_refused() -> str:
+    """Why `unshare -Urm` cannot run here ('' when it can)."""
+    try:
+        probe = subprocess.run(["unshare", "-Urm", "true"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return str(e)
+    return "" if probe.returncode == 0 else probe.stderr.strip() or f"exit code {probe.returncode}"
+
+
 def in_private_mounts(script: str, timeout: float = 600) -> subprocess.CompletedProcess:
     """Run the shell `script` in a mount namespace of its own (`unshare -Urm`: no privileges needed where user
     namespaces are allowed, as on this project's machines), where it may mount a small or read-only tmpfs that
-    disappears with it."""
+    disappears with it. On a machine that forbids user namespaces the test is skipped, saying so."""
+    refused = _private_mounts_refused()
+    if refused:
+        pytest.skip(f"needs `unshare -Urm` (a private tmpfs), which this machine refuses: {refused}")
     return subprocess.run(
         ["unshare", "-Urm", "sh", "-euc", script], capture_output=True, text=True, env=cli_env(), timeout=timeout
     )
@@ -305,3 +317,85 @@ def test_an_unreachable_prefect_api_is_one_line_within_seconds(make_config, tmp_
         "`prefect server start`"
     )
     assert not os.path.exists(cfg.root)
+
+
+def _flip_bytes(path: str) -> bytes:
+    """Overwrite the middle of a chunk file, as a bad disk block would; returns the original bytes."""
+    with open(path, "rb") as f:
+        original = f.read()
+    damaged = bytearray(original)
+    for i in range(len(damaged) // 2, min(len(damaged), len(damaged) // 2 + 16)):
+        damaged[i] ^= 0xFF
+    with open(path, "wb") as f:
+        f.write(bytes(damaged))
+    return original
+
+
+def test_a_corrupt_activation_chunk_is_named_then_recomputed_byte_for_byte(prefect_server, make_config, tmp_path):
+    cfg = make_config(
+        extract={"sites": ["resid_post.1"], "batch_size": 16},
+        saes=[{"architecture": "topk", "k": 8, "expansion_factor": 4}],
+    )
+    assert _run_cli(cfg, tmp_path).returncode == 0
+    (store,) = os.listdir(os.path.join(cfg.store_url, "activations"))
+    url = os.path.join(cfg.store_url, "activations", store)
+    chunks = os.path.join(url, "resid_post.1", "acts", "c")
+    assert len(os.listdir(chunks)) >= 2
+    original = _flip_bytes(os.path.join(chunks, "1", "0"))
+    before = {c: open(os.path.join(chunks, c, "0"), "rb").read() for c in os.listdir(chunks) if c != "1"}
+
+    res = _run_cli(cfg, tmp_path)
+    assert res.returncode == 2
+    assert one_error_line(res) == (
+        f"error: chunk 1 of the activation store {url}/resid_post.1/acts is corrupt (checksum mismatch): it is "
+        "marked for recomputation, rerun the same command (the rest of the store is reused)"
+    )
+    res = _run_cli(cfg, tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    chunk_rows = int(json.load(open(os.path.join(url, "zarr.json")))["attributes"]["chunk_rows"])
+    assert f"extract: resuming {url} at row {chunk_rows:,} of" in res.stderr  # chunk 0 was kept
+    with open(os.path.join(chunks, "1", "0"), "rb") as f:
+        assert f.read() == original  # recomputed exactly
+    for c, data in before.items():
+        with open(os.path.join(chunks, c, "0"), "rb") as f:
+            assert f.read() == data
+
+
+def test_a_corrupt_or_missing_token_chunk_marks_the_store_for_rewriting(tmp_path):
+    import numpy as np
+
+    from saeflow.storage.integrity import CorruptChunkError, locate_corruption
+    from saeflow.storage.tokens import WINDOWS_PER_CHUNK, open_token_store, read_windows, write_token_store
+
+    url = str(tmp_path / "tokens")
+    windows = (np.full(8, i, dtype=np.int32) for i in range(3 * WINDOWS_PER_CHUNK))
+    ref = write_token_store(url, windows, 2 * WINDOWS_PER_CHUNK, WINDOWS_PER_CHUNK, 8, {})
+    _flip_bytes(os.path.join(url, "tokens", "c", "2", "0"))
+    with pytest.raises(ValueError, match="checksum") as raised:
+        read_windows(ref, "eval")
+    named = locate_corruption(raised.value, {"token store": ref})
+    assert isinstance(named, CorruptChunkError)
+    assert str(named) == (
+        f"chunk 2 of the token store {url}/tokens is corrupt (checksum mismatch): it is marked for recomputation, "
+        "rerun the same command (the rest of the store is reused)"
+    )
+    assert open_token_store(url) is None  # the next run writes it again
+    assert locate_corruption(ValueError("some other problem"), {"token store": ref}) is None
+
+    ref = write_token_store(url, (np.zeros(8, dtype=np.int32) for _ in range(WINDOWS_PER_CHUNK * 2)), 256, 256, 8, {})
+    assert open_token_store(url) == ref
+    os.remove(os.path.join(url, "tokens", "c", "1", "0"))  # a lost chunk file would read as zeros
+    assert open_token_store(url) is None
+
+
+def test_a_registry_command_leaves_the_mlflow_retry_setting_as_it_found_it(make_config, monkeypatch):
+    """A registry listing shortens MLflow's retries for itself only: runs started later in the same process (a
+    notebook, the CLI's children) keep MLflow's patient default for tracking blips."""
+    from saeflow.api import list_models
+    from saeflow.tasks.common import tracker
+
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", raising=False)
+    cfg = make_config()
+    tracker(cfg)  # creates the store
+    assert list_models("*", cfg.tracking_uri) == []
+    assert "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in os.environ
