@@ -4,8 +4,10 @@ system. They are neither saeflow's bugs nor bad input, so they get one line (the
 from __future__ import annotations
 
 import errno
+import os
 
 _NO_SPACE = {errno.ENOSPC, errno.EDQUOT}
+_NO_SPACE_TEXT = ("database or disk is full", *(os.strerror(n) for n in _NO_SPACE))
 
 
 def environment_failure(exc: BaseException, root: str | None = None) -> str | None:
@@ -17,12 +19,13 @@ def environment_failure(exc: BaseException, root: str | None = None) -> str | No
     while e is not None and id(e) not in seen:
         seen.add(id(e))
         where = f" writing {e.filename}" if isinstance(e, OSError) and e.filename else ""
-        if (isinstance(e, OSError) and e.errno in _NO_SPACE) or "database or disk is full" in str(e):
+        text = str(e)  # libraries in other languages (sqlite, safetensors' Rust) pass the error on as text
+        if (isinstance(e, OSError) and e.errno in _NO_SPACE) or any(m in text for m in _NO_SPACE_TEXT):
             return (
                 f"no space left on the disk{where}: free some{on} (or set root/store to a bigger disk) and rerun "
                 "the same command; finished stages are reused and training resumes from its last checkpoint"
             )
-        if isinstance(e, OSError) and e.errno == errno.EROFS:
+        if (isinstance(e, OSError) and e.errno == errno.EROFS) or os.strerror(errno.EROFS) in text:
             return f"read-only file system{where}: set root (and store) to a writable directory (--set root=DIR)"
         e = e.__cause__ or e.__context__
     return None

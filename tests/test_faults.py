@@ -399,3 +399,31 @@ def test_a_registry_command_leaves_the_mlflow_retry_setting_as_it_found_it(make_
     tracker(cfg)  # creates the store
     assert list_models("*", cfg.tracking_uri) == []
     assert "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in os.environ
+
+
+def test_a_full_or_read_only_disk_is_recognised_however_a_library_reports_it():
+    import errno
+    import sqlite3
+
+    from safetensors import SafetensorError
+
+    from saeflow.storage.faults import environment_failure
+
+    full = [
+        OSError(errno.ENOSPC, "No space left on device"),
+        OSError(errno.EDQUOT, "Disk quota exceeded"),
+        SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)"),
+    ]
+    try:
+        raise RuntimeError("MlflowException: (sqlite3.OperationalError)") from sqlite3.OperationalError(
+            "database or disk is full"
+        )
+    except RuntimeError as wrapped:
+        full.append(wrapped)
+    for e in full:
+        assert (environment_failure(e, "/data") or "").startswith("no space left on the disk"), e
+    assert environment_failure(OSError(errno.EROFS, "Read-only file system", "/data/x")) == (
+        "read-only file system writing /data/x: set root (and store) to a writable directory (--set root=DIR)"
+    )
+    assert environment_failure(OSError(errno.ENOENT, "No such file or directory")) is None
+    assert environment_failure(ValueError("a bad value")) is None
