@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-import math
 from collections.abc import Iterator
 from typing import Any, NamedTuple
 
@@ -17,6 +16,7 @@ import dask.array as da
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
+from saeflow.sae.training.normalization import normalization_scale, outlier_mask
 from saeflow.storage.activations import ActivationStoreRef
 from saeflow.storage.integrity import CHUNK_CODECS
 from saeflow.storage.zarr_io import WRITE_EVERY_CHUNK, array, open_group
@@ -120,10 +120,7 @@ def compute_site_stats(
             "set model.dtype to float32 or bfloat16)"
         )
     median = float(np.median(norms))
-    if outlier_norm_ratio is not None:
-        outliers = np.flatnonzero(norms > outlier_norm_ratio * median).astype(np.int64)
-    else:
-        outliers = np.zeros(0, dtype=np.int64)
+    outliers = np.flatnonzero(outlier_mask(norms, outlier_norm_ratio)).astype(np.int64)
     keep = np.ones(len(norms), dtype=bool)
     keep[outliers] = False
     keep_d = da.from_array(keep, chunks=(x.chunks[0],))
@@ -134,11 +131,7 @@ def compute_site_stats(
     var = s2 / n - mean**2
     mean_norm = float(sn) / n
     mean_sq_norm = float(s2.sum()) / n
-    scale = {
-        "expected_norm": math.sqrt(d) / mean_norm,
-        "unit_mean_square": 1.0 / math.sqrt(mean_sq_norm),
-        "none": 1.0,
-    }[normalize]
+    scale = normalization_scale(normalize, int(d), mean_norm, mean_sq_norm)  # type: ignore[arg-type]
     energy = norms**2
     positions = (outliers % ref.rows_per_window + 1).tolist()  # +1: row 0 of a window is token position 1
     stats = SiteStats(

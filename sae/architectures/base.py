@@ -136,6 +136,12 @@ class SAE(nn.Module):
         rows = x_raw.reshape(-1, x_raw.shape[-1])
         return self.encode(rows * self.input_scale).reshape(*x_raw.shape[:-1], self.d_sae)
 
+    def decode_raw(self, f: Tensor) -> Tensor:
+        """Activations in the model's own units from codes of any leading shape ([..., d_sae] → [..., d_in]): the
+        inverse of `encode_raw`, so `decode_raw(encode_raw(x)) == reconstruct_raw(x)`."""
+        rows = f.reshape(-1, f.shape[-1])
+        return (self.decode(rows) / self.input_scale).reshape(*f.shape[:-1], self.d_in)
+
     def reconstruct_raw(self, x_raw: Tensor) -> Tensor:
         """x̂ in the model's own units: normalise, encode, decode, undo the scale. Any leading shape; rows are
         encoded independently (architectures such as top-AFA select per row of a 2-D batch)."""

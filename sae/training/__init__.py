@@ -3,11 +3,13 @@
 from saeflow.sae.training.memory import (
     MemoryEstimate,
     TrainingMemoryError,
+    build_saes,
     build_training_group,
     check_training_memory,
     estimate_training_memory,
     memory_report,
 )
+from saeflow.sae.training.normalization import Normalization, fit_normalization
 from saeflow.sae.training.trainer import (
     NonFiniteLossError,
     SAETrainer,
@@ -20,12 +22,15 @@ from saeflow.sae.training.trainer import (
 __all__ = [
     "MemoryEstimate",
     "NonFiniteLossError",
+    "Normalization",
     "SAETrainer",
     "TrainingConfig",
     "TrainingMemoryError",
+    "build_saes",
     "build_training_group",
     "check_training_memory",
     "estimate_training_memory",
+    "fit_normalization",
     "geometric_median",
     "lr_lambda",
     "memory_report",

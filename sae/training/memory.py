@@ -102,8 +102,15 @@ def build_training_group(
     """The group's SAEs, built only once `est` is known to fit (`TrainingMemoryError` otherwise, nothing built):
     seeded with `cfg.seed`, each with input scale `scale` (MATH §4.1)."""
     check_training_memory(est, pick_device(cfg.device), group)
-    torch.manual_seed(cfg.seed)
+    return build_saes(specs, d_in, cfg.seed, scale)
+
+
+def build_saes(specs: Sequence[SAEConfig], d_in: int, seed: int = 0, input_scale: float = 1.0) -> list[SAE]:
+    """The SAEs of `specs`, initialised from `seed` (one seed fixes the weights: build them with the seed of the
+    `TrainingConfig` they will train with, as the pipeline does), each with `input_scale` (MATH §4.1; a notebook
+    takes it from `fit_normalization(...).scale`)."""
+    torch.manual_seed(seed)
     saes = [build_sae(spec, d_in) for spec in specs]
     for s in saes:
-        s.input_scale.fill_(scale)
+        s.input_scale.fill_(input_scale)
     return saes

@@ -7,6 +7,7 @@ learning-rate schedule and dead-latent counters. `SAETrainer.state_dict()` is ev
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Iterable
 from typing import Any, Literal
@@ -243,20 +244,28 @@ def train_saes(
     `on_step(step, tokens_seen, metrics)` is called after steps that report metrics (every `log_every`).
     `on_checkpoint(trainer)` is called each time `cfg.checkpoint_every_tokens` more tokens have been consumed;
     it saves `trainer.state_dict()` with the position of `batches`. `resume_from` is such a state: training continues
-    from it (b_dec_sample is then ignored) and `batches` must continue from the matching position.
+    from it (b_dec_sample is then ignored) and `batches` must continue from the matching position. Without
+    `b_dec_sample`, each SAE's `b_dec_init` is applied to the first batch.
     Fails before training, naming `group`, when the estimated memory exceeds what is available.
     """
     torch.manual_seed(cfg.seed)
     trainer = SAETrainer(saes, cfg, total_tokens, group, buffer_bytes)
+    stream = iter(batches)
     if resume_from is not None:
         trainer.load_state_dict(resume_from)
     elif b_dec_sample is not None:
         trainer.init_b_dec(b_dec_sample)
+    elif any(s.cfg.b_dec_init != "zeros" for s in saes):
+        # No sample given (a notebook): b_dec_init is still honoured, from the first batch, which is then
+        # trained on as usual. The pipeline passes `b_dec_sample_rows` rows of its own.
+        first = next(stream, None)
+        if first is not None:
+            trainer.init_b_dec(first)
+            stream = itertools.chain([first], stream)
     every = cfg.checkpoint_every_tokens
     bar = tqdm(
         total=total_tokens, initial=trainer.tokens_seen, unit="tok", unit_scale=True, desc="train", disable=not progress
     )
-    stream = iter(batches)
     while trainer.tokens_seen < total_tokens:
         x = next(stream, None)
         if x is None:  # a finite stream ran out
