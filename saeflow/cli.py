@@ -42,8 +42,11 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM, handled as Ctrl-C is: the flow closes its runs (FAILED) and keeps its checkpoints."""
 
 
-def _on_sigterm(signum, frame) -> None:
-    raise Terminated()
+def _on_signal(signum, frame) -> None:
+    """Ctrl-C / SIGTERM: interrupt the command, though never in the middle of a write to the tracking store."""
+    from saeflow.storage.interrupts import interrupt
+
+    interrupt(Terminated() if signum == signal.SIGTERM else KeyboardInterrupt())
 
 
 @contextlib.contextmanager
@@ -73,7 +76,8 @@ def _execute(command: str, root: str | None, call: Callable[[], T]) -> T:
     if PREFECT_API_URL.value():
         _prefect_api_or_fail()
     console.start_logging(command, root)
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
     try:
         with _prefect_api():
             return call()

@@ -12,11 +12,13 @@ import json
 import os
 import re
 import tempfile
-from typing import Any
+from typing import Any, cast
 
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
+
+from saeflow.storage.interrupts import WholeCalls
 
 MAX_PARAM_LEN = 6000
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
@@ -97,7 +99,9 @@ class Tracker:
         can tell the runs a killed process left RUNNING (`end_orphaned_runs`)."""
         self.tracking_uri = tracking_uri
         self.owner = owner
-        self.client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+        # every client call is whole: an interrupt waits for it (storage/interrupts.py)
+        client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+        self.client = cast(MlflowClient, WholeCalls(client))
         self.experiment_id: str | None = None
         if experiment is None:
             return

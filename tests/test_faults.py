@@ -427,3 +427,22 @@ def test_a_full_or_read_only_disk_is_recognised_however_a_library_reports_it():
     )
     assert environment_failure(OSError(errno.ENOENT, "No such file or directory")) is None
     assert environment_failure(ValueError("a bad value")) is None
+
+
+def test_an_interrupt_waits_for_the_tracking_call_it_lands_in():
+    """Ctrl-C inside an MLflow write is raised when the write returns, not between its INSERT and its commit."""
+    from saeflow.storage.interrupts import WholeCalls, interrupt
+
+    done = []
+
+    class Store:
+        def write(self):
+            interrupt(KeyboardInterrupt())  # the signal arrives mid-call
+            done.append("committed")
+            return "ok"
+
+    with pytest.raises(KeyboardInterrupt):
+        WholeCalls(Store()).write()
+    assert done == ["committed"]
+    with pytest.raises(KeyboardInterrupt):  # outside any call it is raised at once
+        interrupt(KeyboardInterrupt())
