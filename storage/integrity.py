@@ -14,6 +14,8 @@ from typing import Protocol
 import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
+from saeflow.storage.faults import exception_chain
+
 CHUNK_CODECS = (ZstdCodec(level=0), Crc32cCodec())
 """Bytes-to-bytes codecs of every saeflow array: zarr's default zstd, then the chunk's CRC32C."""
 
@@ -24,16 +26,12 @@ class CorruptChunkError(RuntimeError):
 
 def corruption_kind(exc: BaseException) -> str | None:
     """'checksum mismatch' / 'does not decompress' when `exc` (or what it wraps) is zarr failing to read a chunk."""
-    e: BaseException | None = exc
-    seen: set[int] = set()
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
+    for e in exception_chain(exc):
         text = str(e)
         if isinstance(e, ValueError) and "checksum do not match" in text:
             return "checksum mismatch"
         if isinstance(e, RuntimeError) and "decompression error" in text.lower():
             return "does not decompress"
-        e = e.__cause__ or e.__context__
     return None
 
 

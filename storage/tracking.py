@@ -19,6 +19,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 
 from saeflow.storage.interrupts import WholeCalls
+from saeflow.storage.locks import free_reserve
 
 MAX_PARAM_LEN = 6000
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
@@ -149,6 +150,8 @@ class Tracker:
         return [r.info.run_id for r in runs]
 
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
+        if status != "FINISHED" and self.owner:
+            free_reserve(self.owner)  # a run failing on a full disk still gets room to be marked (storage/locks.py)
         self.client.set_terminated(run_id, status=status)
 
     def log_params(self, run_id: str, params: dict[str, Any]) -> None:

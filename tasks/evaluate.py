@@ -20,7 +20,6 @@ from saeflow.sae.evaluation.latents import (
     windows_needed,
 )
 from saeflow.sae.lm.models import LoadedModel
-from saeflow.storage.locks import free_reserve
 from saeflow.storage.stats import SiteStats
 from saeflow.storage.tokens import TokenStoreRef, iter_window_batches, read_windows
 from saeflow.storage.tracking import Tracker, log_evaluation
@@ -161,7 +160,6 @@ def evaluate_sae_reference(cfg: PipelineConfig, tokens: TokenStoreRef, ref: SAER
         extra = {"sae_reference": ref.source, "sae_format": ref.kind}
         _log(tr, run_id, ref.site, ref.label, ev, tokens, reports.get(ref.label), extra)
     except BaseException:
-        free_reserve(cfg.root)  # a full disk leaves room to close the run
         tr.end_run(run_id, "FAILED")
         raise
     tr.end_run(run_id)

@@ -7,7 +7,6 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from saeflow.config import PipelineConfig
-from saeflow.storage.locks import free_reserve
 from saeflow.storage.tokens import TokenStoreRef
 from saeflow.storage.tracking import code_version
 from saeflow.tasks.common import TRACKING_RETRIES, prefect_run_tags, run_logger, tracker
@@ -58,10 +57,9 @@ def finish_pipeline_run(cfg: PipelineConfig, run_id: str, results: dict[str, Any
 
 def close_failed_run(cfg: PipelineConfig, run_id: str, results: dict[str, Any]) -> None:
     """Mark the parent run and every run of this root still RUNNING (nested runs a failing task could not close)
-    FAILED, first giving back the space set aside on the root so a full disk leaves room for it. A plain call, not
-    a task: it runs while the flow fails or is interrupted, perhaps with its Prefect API gone, and must not wait on
-    retries. If it cannot, the next run on the root marks them KILLED."""
-    free_reserve(cfg.root)
+    FAILED (ending a run as failed gives back the space set aside on the root, so a full disk leaves room). A plain
+    call, not a task: it runs while the flow fails or is interrupted, perhaps with its Prefect API gone, and must
+    not wait on retries. If it cannot, the next run on the root marks them KILLED."""
     try:
         finish_pipeline_run.fn(cfg, run_id, results, status="FAILED")
         tracker(cfg).end_orphaned_runs("FAILED")

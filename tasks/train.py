@@ -21,7 +21,6 @@ from saeflow.sae.training import (
 from saeflow.storage import layout
 from saeflow.storage.activations import ActivationStoreRef, iter_training_batches, sample_rows, training_buffer_bytes
 from saeflow.storage.checkpoints import GroupRecord, clear_training_state, load_resumable_state, save_training_state
-from saeflow.storage.locks import free_reserve
 from saeflow.storage.registry import CHALLENGER
 from saeflow.storage.stats import SiteStats
 from saeflow.storage.tracking import StepLogger, open_sae_runs, publish_sae, registered_model_name
@@ -113,7 +112,6 @@ def train_site_saes(
             buffer_bytes=buffer_bytes,
         )
     except BaseException:
-        free_reserve(cfg.root)  # a full disk leaves room to close the runs
         for run_id in runs:
             tr.end_run(run_id, "FAILED")
         raise
