@@ -13,10 +13,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from saeflow.sae.training.batches import DEFAULT_CHUNK_ROWS, ShuffledBatches, buffer_bytes
+from saeflow.sae.training.batches import sample_rows as sample_rows_of
 from saeflow.storage.integrity import CHUNK_CODECS, chunks_missing, first_bad_chunk
 from saeflow.storage.zarr_io import WRITE_EVERY_CHUNK, array, open_group
 
-TARGET_CHUNK_ROWS = 4096
+TARGET_CHUNK_ROWS = DEFAULT_CHUNK_ROWS
 
 
 @dataclass(frozen=True)
@@ -180,107 +182,6 @@ class ActivationWriter:
         return _ref(self.url, dict(self.group.attrs))
 
 
-class TrainingBatches:
-    """Endless stream of shuffled float32 batches of `site`, multiplied by `scale`, outlier rows left out (MATH §4.3).
-
-    Each epoch visits the chunks in a random order and pools `chunks_per_buffer` chunks at a time; a pool is the
-    rows carried over from the previous pool plus those chunks, permuted, and cut into whole batches whose
-    remainder is carried into the next pool. Both permutations are functions of (seed, epoch, buffer) only, so
-    `cursor()` — where the stream stands plus the carried rows — restores it by reading the current buffer's
-    chunks alone (MATH §3.4): nothing already consumed in earlier buffers is read again.
-    """
-
-    def __init__(
-        self,
-        ref: ActivationStoreRef,
-        site: str,
-        batch_size: int,
-        scale: float,
-        seed: int,
-        chunks_per_buffer: int = 8,
-        cursor: dict[str, Any] | None = None,
-    ):
-        self.arr = ref.array(site)
-        self.excluded = ref.outlier_rows(site)
-        self.n_rows, self.chunk_rows, self.d = ref.n_rows, ref.chunk_rows, ref.d_model
-        self.n_chunks = -(-ref.n_rows // ref.chunk_rows)
-        if ref.n_rows - len(self.excluded) <= 0:
-            raise ValueError(f"{site}: every stored row is an outlier; there is nothing to train on")
-        self.batch_size, self.scale, self.seed, self.chunks_per_buffer = batch_size, scale, seed, chunks_per_buffer
-        self.n_buffers = -(-self.n_chunks // chunks_per_buffer)
-        self.epoch = self.buffer = self.batch = 0
-        self.carry = np.zeros((0, self.d), dtype=np.float32)
-        """Rows carried into the current buffer's pool from the previous one (unscaled)."""
-        self._pool: np.ndarray | None = None
-        if cursor is not None:
-            self._restore(cursor)
-
-    def __iter__(self) -> TrainingBatches:
-        return self
-
-    def __next__(self) -> torch.Tensor:
-        while self._pool is None:
-            self._fill()
-        i, b = self.batch, self.batch_size
-        x = self._pool[i * b : (i + 1) * b] * self.scale
-        self.batch += 1
-        if (self.batch + 1) * b > len(self._pool):
-            self._next_buffer()
-        return torch.from_numpy(x)
-
-    def cursor(self) -> dict[str, Any]:
-        """Where the next batch comes from: (epoch, buffer, batches of that buffer already taken), the rows carried
-        into that buffer, and the stream settings a restored stream must share."""
-        return {
-            "epoch": self.epoch,
-            "buffer": self.buffer,
-            "batch": self.batch,
-            "carry": torch.from_numpy(self.carry.copy()),
-            "seed": self.seed,
-            "batch_size": self.batch_size,
-            "chunks_per_buffer": self.chunks_per_buffer,
-        }
-
-    def _restore(self, cursor: dict[str, Any]) -> None:
-        for key in ("seed", "batch_size", "chunks_per_buffer"):
-            if cursor[key] != getattr(self, key):
-                mine = getattr(self, key)
-                raise ValueError(f"batch cursor was made with {key}={cursor[key]}, this stream has {key}={mine}")
-        self.epoch, self.buffer, self.batch = int(cursor["epoch"]), int(cursor["buffer"]), int(cursor["batch"])
-        self.carry = np.asarray(cursor["carry"], dtype=np.float32).reshape(-1, self.d)
-        if self.batch:
-            self._fill(skip_empty=False)
-            if self._pool is None or (self.batch + 1) * self.batch_size > len(self._pool):
-                raise ValueError(f"batch cursor {self.batch} lies past the end of its buffer")
-
-    def _chunk_order(self) -> np.ndarray:
-        return np.random.default_rng([self.seed, 0, self.epoch]).permutation(self.n_chunks)
-
-    def _fill(self, skip_empty: bool = True) -> None:
-        """Read the current buffer's chunks and permute them with the carry into the pool."""
-        chunks = self._chunk_order()[self.buffer * self.chunks_per_buffer : (self.buffer + 1) * self.chunks_per_buffer]
-        parts = [self.carry]
-        for c in chunks:
-            lo, hi = c * self.chunk_rows, min((c + 1) * self.chunk_rows, self.n_rows)
-            rows = np.asarray(self.arr[lo:hi], dtype=np.float32)
-            if len(self.excluded):
-                drop = self.excluded[(self.excluded >= lo) & (self.excluded < hi)] - lo
-                rows = np.delete(rows, drop, axis=0)
-            parts.append(rows)
-        pool = np.concatenate(parts)
-        self._pool = pool[np.random.default_rng([self.seed, 1, self.epoch, self.buffer]).permutation(len(pool))]
-        if skip_empty and len(self._pool) < self.batch_size:
-            self._next_buffer()  # too few rows for one batch: all of them carry on
-
-    def _next_buffer(self) -> None:
-        assert self._pool is not None
-        self.carry = self._pool[self.batch * self.batch_size :]
-        self._pool, self.batch = None, 0
-        self.buffer += 1
-        if self.buffer == self.n_buffers:
-            self.epoch, self.buffer = self.epoch + 1, 0
-
-
 def iter_training_batches(
     ref: ActivationStoreRef,
     site: str,
@@ -289,18 +190,27 @@ def iter_training_batches(
     seed: int,
     chunks_per_buffer: int = 8,
     cursor: dict[str, Any] | None = None,
-) -> TrainingBatches:
-    """The resumable batch stream of `site` (see `TrainingBatches`); `cursor` continues a saved one."""
-    return TrainingBatches(ref, site, batch_size, scale, seed, chunks_per_buffer, cursor)
+) -> ShuffledBatches:
+    """The resumable batch stream of `site` (`sae.training.ShuffledBatches` over the Zarr array, in the store's own
+    chunks, its outlier rows left out); `cursor` continues a saved one."""
+    return ShuffledBatches(
+        ref.array(site),
+        batch_size,
+        scale,
+        seed,
+        ref.chunk_rows,
+        chunks_per_buffer,
+        ref.outlier_rows(site),
+        cursor,
+        site,
+    )
 
 
 def training_buffer_bytes(ref: ActivationStoreRef, batch_size: int, chunks_per_buffer: int = 8) -> int:
-    """Host memory the batch stream holds at once: a buffer's rows plus the carry, about three copies."""
-    return 3 * 4 * ref.d_model * (chunks_per_buffer * ref.chunk_rows + batch_size)
+    """Host memory the batch stream holds at once (`sae.training.batches.buffer_bytes`)."""
+    return buffer_bytes(ref.d_model, batch_size, ref.chunk_rows, chunks_per_buffer)
 
 
 def sample_rows(ref: ActivationStoreRef, site: str, n: int, scale: float, seed: int) -> torch.Tensor:
-    """About n rows from random chunks (outliers left out), for b_dec initialisation."""
-    return torch.cat(
-        [b for _, b in zip(range(-(-n // 1024)), iter_training_batches(ref, site, min(n, 1024), scale, seed + 1))]
-    )[:n]
+    """About n rows from random chunks (outliers left out), for b_dec initialisation (`sae.training.sample_rows`)."""
+    return sample_rows_of(ref.array(site), n, scale, seed, ref.chunk_rows, ref.outlier_rows(site))

@@ -70,3 +70,42 @@ def test_b_dec_init_is_honoured_without_a_sample_from_the_first_batch_which_is_s
     (zero_sae,) = build_saes([TopKConfig(k=4, expansion_factor=2, b_dec_init="zeros")], 16)
     train_saes([zero_sae], iter([first]), cfg, total_tokens=0, progress=False)
     assert torch.count_nonzero(zero_sae.b_dec) == 0
+
+
+def test_training_from_an_array_in_a_notebook_equals_the_pipelines_train_task(store, tmp_path):  # noqa: F811
+    """The same rows as a numpy array → `train_on_array` gives the weights the train task registers from the store
+    (after the Dask stats stage): same scale, outlier rows, b_dec sample, batch order and seed."""
+    from saeflow.config import validate_config
+    from saeflow.sae.training import train_on_array
+    from saeflow.storage.sae_sources import load_sae_ref
+    from saeflow.storage.stats import save_site_stats
+    from saeflow.tasks.common import tracker
+    from saeflow.tasks.train import train_site_saes
+
+    ref, x, outliers = store
+    specs = [TopKConfig(k=4, d_sae=48), ReLUConfig(l1_coefficient=1.0, d_sae=48, b_dec_init="mean")]
+    train = {"batch_size": 64, "log_every": 5, "device": "cpu", "seed": 11, "b_dec_sample_rows": 512}
+    cfg = validate_config({"root": str(tmp_path / "work"), "saes": [s.model_dump() for s in specs], "train": train})
+    with dask_client(n_workers=1):
+        st, outlier_rows = compute_site_stats(ref, "s", outlier_norm_ratio=10.0, normalize="expected_norm")
+    save_site_stats(ref, "s", st, outlier_rows)
+    tr = tracker(cfg)
+    registered = train_site_saes.fn(cfg, ref, st, "s", list(cfg.saes), tr.start_run("pipeline"))
+
+    notebook, trainer, norm = train_on_array(
+        x,
+        specs,
+        TrainingConfig(**{k: v for k, v in train.items() if k != "b_dec_sample_rows"}),
+        b_dec_sample_rows=512,
+        chunk_rows=ref.chunk_rows,
+        progress=False,
+    )
+    np.testing.assert_array_equal(norm.outlier_rows, outliers)
+    assert st.n_rows_used == len(x) - len(outliers)
+    assert trainer.tokens_seen == -(-st.n_rows_used // 64) * 64  # one pass over the kept rows, in whole batches
+    for mine, entry in zip(notebook, registered):
+        piped = load_sae_ref(f"{entry.registered_name}/{entry.version}", cfg.tracking_uri)
+        assert type(piped) is type(mine) and float(piped.input_scale) == pytest.approx(float(mine.input_scale))
+        for name, w in piped.state_dict().items():
+            torch.testing.assert_close(mine.state_dict()[name], w, rtol=1e-5, atol=1e-6, msg=name)
+        assert not torch.equal(mine.b_dec, torch.zeros_like(mine.b_dec))  # b_dec_init was applied

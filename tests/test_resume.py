@@ -15,7 +15,7 @@ import torch
 from saeflow.sae import ReLUConfig, TopKConfig, build_sae
 from saeflow.sae.training import TrainingConfig, TrainingMemoryError, train_saes
 from saeflow.storage import checkpoints
-from saeflow.storage.activations import ActivationStoreRef, ActivationWriter, TrainingBatches, sample_rows
+from saeflow.storage.activations import ActivationStoreRef, ActivationWriter, iter_training_batches, sample_rows
 from saeflow.storage.checkpoints import load_training_state, save_training_state
 from saeflow.storage.stats import SiteStats, compute_site_stats, save_site_stats
 
@@ -31,6 +31,7 @@ class Killed(Exception):
 class CountingArray:
     def __init__(self, arr, reads: list[int]):
         self.arr, self.reads = arr, reads
+        self.shape = arr.shape
 
     def __getitem__(self, key: slice):
         self.reads.append(key.start)
@@ -96,13 +97,15 @@ def assert_same_training_state(a, b):
 
 
 def test_a_stream_restored_from_its_cursor_continues_with_the_same_batches(store):
-    stream = TrainingBatches(store, "s", 32, 1.0, seed=5, chunks_per_buffer=CHUNKS_PER_BUFFER)
+    stream = iter_training_batches(store, "s", 32, 1.0, seed=5, chunks_per_buffer=CHUNKS_PER_BUFFER)
     cursors, batches = [], []
     for _ in range(50):  # more than two epochs
         cursors.append(stream.cursor())
         batches.append(next(stream))
     for i in range(0, 50, 3):
-        restored = TrainingBatches(store, "s", 32, 1.0, seed=5, chunks_per_buffer=CHUNKS_PER_BUFFER, cursor=cursors[i])
+        restored = iter_training_batches(
+            store, "s", 32, 1.0, seed=5, chunks_per_buffer=CHUNKS_PER_BUFFER, cursor=cursors[i]
+        )
         for j in range(i, min(i + 4, 50)):
             assert torch.equal(next(restored), batches[j]), (i, j)
 
@@ -111,10 +114,10 @@ def test_a_killed_run_resumed_from_its_checkpoint_ends_bit_for_bit_where_an_unin
     sample = sample_rows(store, "s", 256, 1.0, seed=0)
 
     full_ref = counting(store)
-    full_stream = TrainingBatches(full_ref, "s", 32, 1.0, seed=0, chunks_per_buffer=CHUNKS_PER_BUFFER)
+    full_stream = iter_training_batches(full_ref, "s", 32, 1.0, seed=0, chunks_per_buffer=CHUNKS_PER_BUFFER)
     full = train_saes(new_group(), full_stream, CFG, TOTAL, b_dec_sample=sample, progress=False)
 
-    stream = TrainingBatches(store, "s", 32, 1.0, seed=0, chunks_per_buffer=CHUNKS_PER_BUFFER)
+    stream = iter_training_batches(store, "s", 32, 1.0, seed=0, chunks_per_buffer=CHUNKS_PER_BUFFER)
 
     def kill_at_step_30(step, tokens, metrics):
         if step == 30:
@@ -137,7 +140,7 @@ def test_a_killed_run_resumed_from_its_checkpoint_ends_bit_for_bit_where_an_unin
     assert (cur["epoch"], cur["buffer"]) == (1, 0) and cur["batch"] > 0 and len(cur["carry"]) > 0  # mid-buffer
 
     resumed_ref = counting(store)
-    resumed_stream = TrainingBatches(
+    resumed_stream = iter_training_batches(
         resumed_ref, "s", 32, 1.0, seed=0, chunks_per_buffer=CHUNKS_PER_BUFFER, cursor=ckpt.cursor
     )
     resumed = train_saes(new_group(), resumed_stream, CFG, TOTAL, resume_from=ckpt.state, progress=False)
@@ -151,7 +154,7 @@ def test_a_killed_run_resumed_from_its_checkpoint_ends_bit_for_bit_where_an_unin
 
 
 def test_a_save_killed_midway_leaves_the_previous_checkpoint_in_force(store, tmp_path, monkeypatch):
-    stream = TrainingBatches(store, "s", 32, 1.0, seed=0)
+    stream = iter_training_batches(store, "s", 32, 1.0, seed=0)
     cfg = CFG.model_copy(update={"checkpoint_every_tokens": 64})
     real_save_file = checkpoints.save_file
     saves = []

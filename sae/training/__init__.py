@@ -1,5 +1,7 @@
 """Training: the loop that steps a group of SAEs on shared batches, and the memory check before it."""
 
+from saeflow.sae.training.batches import ShuffledBatches, sample_rows
+from saeflow.sae.training.from_array import train_on_array
 from saeflow.sae.training.memory import (
     MemoryEstimate,
     TrainingMemoryError,
@@ -24,6 +26,7 @@ __all__ = [
     "NonFiniteLossError",
     "Normalization",
     "SAETrainer",
+    "ShuffledBatches",
     "TrainingConfig",
     "TrainingMemoryError",
     "build_saes",
@@ -34,5 +37,7 @@ __all__ = [
     "geometric_median",
     "lr_lambda",
     "memory_report",
+    "sample_rows",
+    "train_on_array",
     "train_saes",
 ]

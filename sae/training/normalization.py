@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
@@ -43,6 +43,8 @@ class Normalization:
     outlier_norm_threshold: float | None
     n_rows: int
     n_outliers: int
+    outlier_rows: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64), compare=False, repr=False)
+    """Positions of the outlier rows among those fitted (what `ShuffledBatches(excluded=...)` leaves out)."""
 
     def apply(self, x: Tensor) -> Tensor:
         """Rows of raw activations [n, d] → training units: outlier rows dropped, the rest × scale."""
@@ -66,4 +68,4 @@ def fit_normalization(
     kept = norms[~outliers]
     scale = normalization_scale(method, d, float(kept.mean()), float((kept**2).mean()))
     threshold = None if outlier_norm_ratio is None else outlier_norm_ratio * float(np.median(norms))
-    return Normalization(scale, threshold, len(norms), int(outliers.sum()))
+    return Normalization(scale, threshold, len(norms), int(outliers.sum()), np.flatnonzero(outliers))
