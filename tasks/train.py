@@ -98,11 +98,15 @@ def train_site_saes(
         log.info(f"train {site}: resuming from {ckpt.path} at {ckpt.tokens_seen:,}/{total:,} tokens")
     else:
         log.info(f"train {site}: {len(saes)} SAEs on {total:,} tokens, scale {scale:.4g}")
+    # The logged dead fraction counts latents silent over as many tokens as evaluation scores, so the two agree
+    # (MATH §3.3); the AuxK window (dead_tokens) is unchanged.
+    eval_rows = cfg.tokens.n_windows(cfg.tokens.eval_tokens) * (cfg.tokens.context_size - 1)
+    run_cfg = t.model_copy(update={"dead_report_tokens": t.dead_report_tokens or eval_rows})
     try:
         train_saes(
             saes,
             batches,
-            t,
+            run_cfg,
             total,
             b_dec_sample=None if ckpt else sample_rows(acts, site, t.b_dec_sample_rows, scale, t.seed),
             on_step=on_step,

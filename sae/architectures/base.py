@@ -11,6 +11,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
+from saeflow.sae.architectures.losses import warmup
+
 
 class SAEConfig(BaseModel):
     """Hyperparameters shared by every architecture. Subclasses add their own and fix `architecture`."""
@@ -32,6 +34,18 @@ class SAEConfig(BaseModel):
 
     default_lr: ClassVar[float] = 1e-3
     adam_betas: ClassVar[tuple[float, float]] = (0.9, 0.999)
+    coefficient_field: ClassVar[str | None] = None
+    """Name of the sparsity coefficient a `target_l0` adapts (relu/gated/top-AFA: l1_coefficient, jumprelu:
+    l0_coefficient); None for architectures whose sparsity is set directly (TopK's k)."""
+    coefficient_start: ClassVar[float] = 1.0
+    """Where a target-L0 controller starts λ when the configured coefficient is 0 (log λ needs λ > 0)."""
+    warmup_field: ClassVar[str | None] = None
+    """Name of the field giving the coefficient's warm-up fraction (used when no target L0 is set)."""
+
+    @property
+    def l0_target(self) -> float | None:
+        """The target L0 training steers to (MATH §3.5), when this architecture has one and it is set."""
+        return getattr(self, "target_l0", None) if self.coefficient_field else None
 
     def n_latents(self, d_in: int) -> int:
         return self.d_sae or self.expansion_factor * d_in
@@ -72,6 +86,8 @@ class TrainState(NamedTuple):
     """Fraction of training done, in [0, 1]."""
     dead_mask: Tensor | None
     """Bool [d_sae], True where the latent has not fired within the dead window (MATH §3.3)."""
+    coefficient: Tensor | None = None
+    """The sparsity coefficient the L0 controller set for this step (MATH §3.5); None = the configured one."""
 
 
 class SAE(nn.Module):
@@ -130,6 +146,15 @@ class SAE(nn.Module):
     def loss(self, x: Tensor, state: TrainState) -> SAEOutput:
         raise NotImplementedError
 
+    def sparsity_coefficient(self, state: TrainState) -> Tensor | float:
+        """λ for this step: the controller's when training to a target L0, else the configured coefficient
+        ramped over its warm-up."""
+        if state.coefficient is not None:
+            return state.coefficient
+        cfg, name = self.cfg, self.cfg.coefficient_field
+        assert name is not None, f"{type(self).__name__} has no sparsity coefficient"
+        return getattr(cfg, name) * warmup(state.progress, getattr(cfg, cfg.warmup_field) if cfg.warmup_field else 0.0)
+
     # ----- raw-unit helpers: what evaluation and downstream users call -------------------------------------
     def encode_raw(self, x_raw: Tensor) -> Tensor:
         """Codes of raw activations with any leading shape ([..., d_in] → [..., d_sae])."""
@@ -147,6 +172,25 @@ class SAE(nn.Module):
         encoded independently (architectures such as top-AFA select per row of a 2-D batch)."""
         rows = x_raw.reshape(-1, x_raw.shape[-1])
         return (self.forward(rows * self.input_scale) / self.input_scale).reshape(x_raw.shape)
+
+    def param_groups(self, lr: float) -> list[dict]:
+        """Adam parameter groups at base learning rate `lr` (MATH §3.2): one group; an architecture whose
+        parameters need a different step (JumpReLU's thresholds) splits them off."""
+        return [{"params": list(self.parameters()), "lr": lr}]
+
+    # ----- data-dependent initialisation --------------------------------------------------------------------
+    @torch.no_grad()
+    def init_from_sample(self, x: Tensor) -> None:
+        """Called once before training, after b_dec is set, with a sample of training rows (MATH §3.1). The default
+        does nothing; architectures trained to a target L0 place their thresholds here (`firing_quantile`)."""
+
+    @torch.no_grad()
+    def firing_quantile(self, values: Tensor, l0: float) -> Tensor:
+        """Per latent, the value exceeded by a share l0 / d_sae of the sample's rows [n, d_sae] → [d_sae]: a
+        threshold at which every latent fires at the same rate and the code starts at L0 ≈ l0."""
+        n = values.shape[0]
+        k = min(n, max(1, round(n * l0 / self.d_sae)))
+        return values.float().topk(k, dim=0).values[-1]
 
     # ----- hooks around the optimizer step ---------------------------------------------------------------
     @torch.no_grad()

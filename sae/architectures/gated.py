@@ -14,7 +14,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from saeflow.sae.architectures.base import SAE, SAEConfig, SAEOutput, TrainState
-from saeflow.sae.architectures.losses import reconstruction_loss, warmup
+from saeflow.sae.architectures.losses import reconstruction_loss
 from saeflow.sae.architectures.registry import register
 
 
@@ -24,16 +24,21 @@ class GatedConfig(SAEConfig):
     """λ on mean ‖ReLU(π_gate)‖₁ after warm-up, normalized units (E‖x‖ = √d); 3 gave L0 ≈ 20–60 at d = 64–576."""
     l1_warmup: float = Field(0.05, ge=0, le=1)
     """Fraction of training over which λ ramps linearly from 0."""
+    target_l0: float | None = Field(None, gt=0)
+    """Train to this L0 (mean active latents per row): the coefficient above becomes the starting point and the
+    controller of MATH §3.5 adapts it every step; None keeps the coefficient fixed."""
     unit_norm_decoder: bool = True
     """Keep decoder rows unit norm (paper); False leaves them free and weights the L1 term by ‖W_dec,i‖."""
 
     # MATH §2.2 names lr 5e-5 (the reference trainer's, for ~10⁵-step runs); it barely moves in saeflow's runs of
     # 10²–10⁴ steps, so the default is the project's usual 5e-4. β₁ = 0 is kept from the reference.
+    coefficient_field: ClassVar[str | None] = "l1_coefficient"
+    warmup_field: ClassVar[str | None] = "l1_warmup"
     default_lr: ClassVar[float] = 5e-4
     adam_betas: ClassVar[tuple[float, float]] = (0.0, 0.999)
 
     def sparsity_label(self) -> str:
-        return f"l1_{self.l1_coefficient:g}"
+        return f"L0_{self.target_l0:g}" if self.target_l0 else f"l1_{self.l1_coefficient:g}"
 
 
 @register("gated")
@@ -50,6 +55,13 @@ class GatedSAE(SAE):
         # Zero init makes the magnitude path start identical to the gate path (W_mag = W_gate, b_mag = b_gate = 0).
         self.r_mag = nn.Parameter(torch.zeros(self.d_sae))
         self.b_mag = nn.Parameter(torch.zeros(self.d_sae))
+
+    @torch.no_grad()
+    def init_from_sample(self, x: Tensor) -> None:
+        """With a target L0, b_gate starts where each gate opens on a share target / d_sae of the sample, so the
+        code starts sparse instead of with half the latents open (MATH §2.2, §3.5)."""
+        if self.cfg.target_l0:
+            self.b_enc.copy_(-self.firing_quantile(self._centred(x), self.cfg.target_l0))
 
     def _centred(self, x: Tensor) -> Tensor:
         """(x − b_dec) W_gate, shared by both paths."""
@@ -99,6 +111,6 @@ class GatedSAE(SAE):
         rec = reconstruction_loss(x, x_hat)
         l1 = self.sparsity_loss(pi_gate)
         aux = self.aux_loss(x, pi_gate)
-        lam = self.cfg.l1_coefficient * warmup(state.progress, self.cfg.l1_warmup)
+        lam = self.sparsity_coefficient(state)
         loss = rec + lam * l1 + aux
         return SAEOutput(x_hat, f, loss, {"mse": rec.detach(), "l1": l1.detach(), "aux": aux.detach()})

@@ -15,7 +15,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from saeflow.sae.architectures.base import SAE, SAEConfig, SAEOutput, TrainState
-from saeflow.sae.architectures.losses import reconstruction_loss, warmup
+from saeflow.sae.architectures.losses import auxk_loss, reconstruction_loss
 from saeflow.sae.architectures.registry import register
 
 
@@ -71,6 +71,9 @@ class JumpReLUConfig(SAEConfig):
     """λ, the cost of one active latent per row after warm-up, in L_rec units (E‖x‖ = √d); θ settles near √λ."""
     l0_warmup: float = Field(0.05, ge=0, le=1)
     """Fraction of training over which λ ramps linearly from 0."""
+    target_l0: float | None = Field(None, gt=0)
+    """Train to this L0 (mean active latents per row): the coefficient above becomes the starting point and the
+    controller of MATH §3.5 adapts it every step; None keeps the coefficient fixed."""
     bandwidth: float = Field(0.05, gt=0)
     """ε, the width of the rectangle kernel of the straight-through estimators, in normalized units."""
     threshold_init: float = Field(0.5, gt=0)
@@ -85,13 +88,24 @@ class JumpReLUConfig(SAEConfig):
     """`l0`: λ·Σ H(π − θ) (paper); `tanh`: λ·Σ tanh(c·fᵢ‖W_dec,i‖) (Anthropic's option, MATH §2.3)."""
     tanh_scale: float = Field(4.0, gt=0)
     """c in the tanh sparsity penalty (per unit of fᵢ‖W_dec,i‖)."""
+    threshold_lr_scale: float = Field(10.0, gt=0)
+    """log θ's learning rate as a multiple of the SAE's: Adam moves log θ by about lr per step, so at lr 5e-4 θ can
+    change by at most e^0.5 in 1000 steps, too slow for a controller (or a coefficient) to steer L0; 10 tracked a target L0 within 10% in 1200 steps where 30
+    left twice the dead latents."""
+    aux_coefficient: float = Field(1 / 32, ge=0)
+    """α of an AuxK term (MATH §2.4) on the dead latents' pre-activations: a latent whose π stays below θ gets no
+    gradient through the jump, so without it a latent that falls silent stays dead (0 turns it off)."""
+    k_aux: int | None = Field(None, ge=1)
+    """Dead latents used by AuxK; None means d_in / 2."""
 
     # As for gated: the reference lr 5e-5 suits ~10⁵-step runs; log θ moves at most ≈ lr per Adam step.
+    coefficient_field: ClassVar[str | None] = "l0_coefficient"
+    warmup_field: ClassVar[str | None] = "l0_warmup"
     default_lr: ClassVar[float] = 5e-4
     adam_betas: ClassVar[tuple[float, float]] = (0.0, 0.999)
 
     def sparsity_label(self) -> str:
-        return f"{self.sparsity}_{self.l0_coefficient:g}"
+        return f"{self.sparsity}_L0_{self.target_l0:g}" if self.target_l0 else f"{self.sparsity}_{self.l0_coefficient:g}"
 
 
 @register("jumprelu")
@@ -105,6 +119,18 @@ class JumpReLUSAE(SAE):
         self.unit_norm_decoder = cfg.unit_norm_decoder
         # A log-parametrised threshold stays positive and moves by relative steps under Adam.
         self.log_threshold = nn.Parameter(torch.full((self.d_sae,), math.log(cfg.threshold_init)))
+
+    @torch.no_grad()
+    def init_from_sample(self, x: Tensor) -> None:
+        """With a target L0, θ starts where each latent fires on a share target / d_sae of the sample: L0 starts at
+        the target instead of ≈ 0.3·d_sae, since log θ moves only about lr per step (MATH §2.3, §3.5)."""
+        if self.cfg.target_l0:
+            theta = self.firing_quantile(self.pre_acts(x), self.cfg.target_l0).clamp_min(1e-3)
+            self.log_threshold.copy_(theta.log())
+
+    def param_groups(self, lr: float) -> list[dict]:
+        rest = [p for name, p in self.named_parameters() if name != "log_threshold"]
+        return [{"params": rest, "lr": lr}, {"params": [self.log_threshold], "lr": lr * self.cfg.threshold_lr_scale}]
 
     @property
     def threshold(self) -> Tensor:
@@ -126,6 +152,11 @@ class JumpReLUSAE(SAE):
         else:
             scaled = f * self.W_dec.norm(dim=1) * self.cfg.tanh_scale
             sparsity = torch.tanh(scaled).sum(-1).mean()  # MATH §2.3 Option (tanh)
-        lam = self.cfg.l0_coefficient * warmup(state.progress, self.cfg.l0_warmup)
+        lam = self.sparsity_coefficient(state)
         loss = rec + lam * sparsity
-        return SAEOutput(x_hat, f, loss, {"mse": rec.detach(), "sparsity": sparsity.detach()})
+        terms = {"mse": rec.detach(), "sparsity": sparsity.detach()}
+        if self.cfg.aux_coefficient:
+            aux = auxk_loss(x - x_hat, pre, self.W_dec, state.dead_mask, self.cfg.k_aux or max(1, self.d_in // 2))
+            loss = loss + self.cfg.aux_coefficient * aux
+            terms["auxk"] = aux.detach()
+        return SAEOutput(x_hat, f, loss, terms)

@@ -9,7 +9,7 @@ from pydantic import Field
 from torch import Tensor
 
 from saeflow.sae.architectures.base import SAE, SAEConfig, SAEOutput, TrainState
-from saeflow.sae.architectures.losses import auxk_loss, reconstruction_loss, warmup
+from saeflow.sae.architectures.losses import auxk_loss, reconstruction_loss
 from saeflow.sae.architectures.registry import register
 
 
@@ -34,12 +34,18 @@ class TopAFAConfig(SAEConfig):
     the AFA term keep ‖f‖ near ‖z‖."""
     l1_warmup: float = Field(0.05, ge=0, le=1)
     """Fraction of training over which λ₁ ramps linearly from 0."""
+    target_l0: float | None = Field(None, gt=0)
+    """Train to this L0 (mean active latents per row): the coefficient above becomes the starting point and the
+    controller of MATH §3.5 adapts it every step; None keeps the coefficient fixed."""
 
     # Same as TopK: MATH §2.6 asks for top-AFA to be benchmarked next to TopK, so keep the optimiser identical.
+    coefficient_field: ClassVar[str | None] = "l1_coefficient"
+    coefficient_start: ClassVar[float] = 0.3  # the λ₁ that gave L0 ≈ 3× the true L0 on the easy synthetic instance
+    warmup_field: ClassVar[str | None] = "l1_warmup"
     default_lr: ClassVar[float] = 5e-4
 
     def sparsity_label(self) -> str:
-        l1 = f"_l1_{self.l1_coefficient:g}" if self.l1_coefficient else ""
+        l1 = f"_L0_{self.target_l0:g}" if self.target_l0 else f"_l1_{self.l1_coefficient:g}" if self.l1_coefficient else ""
         return f"afa{self.afa_coefficient:g}{l1}"
 
 
@@ -122,9 +128,9 @@ class TopAFASAE(SAE):
         aux = auxk_loss(x - x_hat, pre, self.W_dec, state.dead_mask, self.cfg.k_aux)
         loss = rec + self.cfg.afa_coefficient * afa + self.cfg.aux_coefficient * aux
         terms = {"mse": rec.detach(), "afa": afa.detach(), "auxk": aux.detach()}
-        if self.cfg.l1_coefficient:
+        if self.cfg.l1_coefficient or state.coefficient is not None:
             # The reference code's optional λ₁·mean_B ‖f‖₁ (f ≥ 0, unit decoder rows, so no norm weighting).
             l1 = f.sum(-1).mean()
-            loss = loss + self.cfg.l1_coefficient * warmup(state.progress, self.cfg.l1_warmup) * l1
+            loss = loss + self.sparsity_coefficient(state) * l1
             terms["l1"] = l1.detach()
         return SAEOutput(x_hat, f, loss, terms)

@@ -38,12 +38,18 @@ class SyntheticConfig(BaseModel):
     seed: int = 0
 
 
+TRUTH_STREAM = 0x5A_E7_12_E5
+"""Offset of the ground truth's generator seed from the instance's `seed` (see SyntheticActivations)."""
+
+
 class SyntheticActivations:
     """A fixed ground truth (directions, probabilities, groups, offset) from which rows are sampled."""
 
     def __init__(self, cfg: SyntheticConfig):
         self.cfg = cfg
-        g = torch.Generator().manual_seed(cfg.seed)
+        # A stream of its own: seeded with cfg.seed alone, the directions were the very numbers torch.manual_seed(seed)
+        # gives the first SAE built after it (randn(n, d) either way), so that SAE started AT the ground truth.
+        g = torch.Generator().manual_seed(TRUTH_STREAM + cfg.seed)
         dirs = torch.randn(cfg.n_features, cfg.d, generator=g)
         self.directions = dirs / dirs.norm(dim=1, keepdim=True)
         p = (torch.arange(cfg.n_features) + 1.0) ** -cfg.power_law
@@ -92,6 +98,35 @@ REFERENCE_SPECS: dict[str, dict] = {
 }
 
 
+HARD_REGIME = SyntheticConfig(
+    d=64, n_features=512, mean_active=5.0, power_law=1.0, n_groups=32, group_size=3, group_prob=0.8, offset_norm=3.0,
+    noise=0.02,
+)
+"""The hard ground truth of benchmarks/synthetic.py `--regime hard`: 8× overcomplete (512 features in d 64), a
+heavy tail of firing frequencies (p ∝ 1/(i+1): the rarest fires on 0.14% of rows), 32 co-firing triples, a mean
+offset of norm 3 (the signal's typical norm is about 2.8) and noise; L0 ≈ 5. Every seed gives a new instance."""
+
+
+def matched_specs(true_l0: float, d_sae: int) -> dict[str, dict]:
+    """One spec per architecture at the true L0 with shipped defaults otherwise: k = round(true L0) for the TopK
+    family, `target_l0` = true L0 for every architecture with a coefficient (MATH §3.5)."""
+    k = max(1, round(true_l0))
+    return {
+        "relu": {"architecture": "relu", "target_l0": true_l0, "d_sae": d_sae},
+        "gated": {"architecture": "gated", "target_l0": true_l0, "d_sae": d_sae},
+        "jumprelu": {"architecture": "jumprelu", "target_l0": true_l0, "d_sae": d_sae},
+        "topk": {"architecture": "topk", "k": k, "d_sae": d_sae},
+        "batchtopk": {"architecture": "batchtopk", "k": k, "d_sae": d_sae},
+        "matryoshka": {"architecture": "matryoshka", "k": k, "d_sae": d_sae},
+        "topafa": {"architecture": "topafa", "target_l0": true_l0, "d_sae": d_sae},
+    }
+
+
+def true_l0(truth: SyntheticActivations, n: int = 8192) -> float:
+    """Mean number of firing features per row of `truth`, on a fixed sample."""
+    return float((truth.sample_codes(n, torch.Generator().manual_seed(7)) > 0).sum(1).float().mean())
+
+
 @torch.no_grad()
 def recovery_metrics(sae: SAE, truth: SyntheticActivations, n_eval: int = 8192, threshold: float = 0.9) -> dict:
     """FVU, L0, dead fraction, shrinkage γ on fresh rows, and how well decoder rows match the true directions.
@@ -115,7 +150,7 @@ def recovery_metrics(sae: SAE, truth: SyntheticActivations, n_eval: int = 8192, 
         "shrinkage_gamma": m["shrinkage_gamma"],
         "mmcs": float(best.mean()),
         "recovered": float((best > threshold).float().mean()),
-        "true_l0": float((truth.sample_codes(n_eval, torch.Generator().manual_seed(7)) > 0).sum(1).float().mean()),
+        "true_l0": true_l0(truth, n_eval),
     }
 
 

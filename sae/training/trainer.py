@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from saeflow.sae.architectures.base import SAE, TrainState
 from saeflow.sae.device import pick_device
 from saeflow.sae.training.memory import check_training_memory, estimate_training_memory
+from saeflow.sae.training.sparsity_control import L0Controller
 
 
 class TrainingConfig(BaseModel):
@@ -39,6 +40,10 @@ class TrainingConfig(BaseModel):
     """Seeds SAE initialisation and batch shuffling."""
     dead_tokens: int | None = Field(None, ge=1)
     """A latent is dead after this many tokens without firing; None = min(10M, total tokens / 4) (MATH §2.4)."""
+    dead_report_tokens: int | None = Field(None, ge=1)
+    """Window of the logged `dead_fraction`: latents that fired on none of the last this many training tokens
+    (MATH §3.3). None = the dead window. The pipeline sets it to the evaluation's row count, so the number logged
+    in training and `eval/dead_fraction` (never firing on that many held-out rows) measure the same thing."""
     log_every: int = Field(10, ge=1)
     """Report step metrics every this many steps."""
     device: str = "auto"
@@ -47,6 +52,12 @@ class TrainingConfig(BaseModel):
     """Mixed precision on GPU; auto = bf16 on CUDA, off on CPU."""
     checkpoint_every_tokens: int | None = Field(None, ge=1)
     """Save a resumable training state every this many tokens (MATH §3.4); None saves none."""
+    l0_control_gain: float = Field(0.01, gt=0, le=1)
+    """Integral gain of the target-L0 controller: log λ moves by at most this much per step (MATH §3.5)."""
+    l0_control_horizon: float = Field(100.0, ge=0)
+    """Steps ahead the target-L0 controller extrapolates the measured L0's trend before comparing (MATH §3.5)."""
+    l0_control_ramp: float = Field(0.5, ge=0, le=1)
+    """Fraction of training over which the controller's target glides from the first batch's L0 to target_l0."""
 
 
 @torch.no_grad()
@@ -101,13 +112,23 @@ class SAETrainer:
         self.schedulers = []
         for sae in saes:
             sae.to(self.device)
-            opt = torch.optim.Adam(sae.parameters(), lr=sae.cfg.learning_rate(), betas=sae.cfg.adam_betas)
+            opt = torch.optim.Adam(sae.param_groups(sae.cfg.learning_rate()), betas=sae.cfg.adam_betas)
             self.optimizers.append(opt)
             self.schedulers.append(
                 torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(self.total_steps, cfg.lr_warmup, cfg.lr_decay))
             )
         # Tokens since each latent last fired (MATH §3.3), counted in tokens, never steps.
         self.tokens_since_fired = [torch.zeros(s.d_sae, dtype=torch.long, device=self.device) for s in saes]
+        # One L0 controller per SAE trained to a target L0 (MATH §3.5), None for the others.
+        self.controllers = [self._controller(s) for s in saes]
+
+    def _controller(self, sae: SAE) -> L0Controller | None:
+        target = sae.cfg.l0_target
+        if target is None:
+            return None
+        start = float(getattr(sae.cfg, sae.cfg.coefficient_field)) or sae.cfg.coefficient_start
+        c = self.cfg
+        return L0Controller(target, start, c.l0_control_gain, c.l0_control_ramp, c.l0_control_horizon, self.device)
 
     def autocast_dtype(self) -> torch.dtype | None:
         mode = self.cfg.autocast
@@ -117,6 +138,7 @@ class SAETrainer:
 
     @torch.no_grad()
     def init_b_dec(self, sample: Tensor) -> None:
+        """b_dec from `sample` as each SAE's `b_dec_init` says, then each SAE's data-dependent init (MATH §3.1)."""
         sample = sample.to(self.device, torch.float32)
         median = None
         for sae in self.saes:
@@ -126,6 +148,7 @@ class SAETrainer:
                 sae.b_dec.copy_(median)
             elif how == "mean":
                 sae.b_dec.copy_(sample.mean(0))
+            sae.init_from_sample(sample)
 
     def step(self, x: Tensor) -> list[dict[str, float]]:
         """One optimizer step of every SAE on batch x; returns per-SAE metrics for this step."""
@@ -135,8 +158,10 @@ class SAETrainer:
         stats = []
         for i, sae in enumerate(self.saes):
             dead = self.tokens_since_fired[i] >= self.dead_tokens
+            control = self.controllers[i]
+            coefficient = control.coefficient() if control else None
             with torch.autocast(self.device.type, dtype=amp, enabled=amp is not None):
-                out = sae.loss(x, TrainState(progress, dead))
+                out = sae.loss(x, TrainState(progress, dead, coefficient))
             opt = self.optimizers[i]
             opt.zero_grad(set_to_none=True)
             out.loss.backward()
@@ -147,11 +172,17 @@ class SAETrainer:
             self.schedulers[i].step()
             sae.normalize_decoder()
             with torch.no_grad():
-                fired = (out.f > 0).any(0)
+                active = out.f > 0
+                fired = active.any(0)
                 self.tokens_since_fired[i] += x.shape[0]
                 self.tokens_since_fired[i][fired] = 0
-                if self.step_count % self.cfg.log_every == 0:
+                if control:
+                    control.update(active.sum(-1).float().mean(), progress)
+                # The last step reports too, so the last logged numbers (dead fraction above all) are the final ones.
+                if self.step_count % self.cfg.log_every == 0 or self.step_count == self.total_steps - 1:
                     stats.append(self._metrics(x, out, i))
+                    if coefficient is not None:
+                        stats[-1]["sparsity_coefficient"] = float(coefficient)
                     if not math.isfinite(stats[-1]["loss"]):  # checked where the loss is read anyway: no extra sync
                         raise NonFiniteLossError(
                             f"{self.group}: {sae.cfg.label()}'s loss is {stats[-1]['loss']} at step {self.step_count} "
@@ -184,8 +215,11 @@ class SAETrainer:
                     "optimizer": opt.state_dict(),
                     "scheduler": sched.state_dict(),
                     "tokens_since_fired": since,
+                    **({"l0_control": control.state_dict()} if control else {}),
                 }
-                for sae, opt, sched, since in zip(self.saes, self.optimizers, self.schedulers, self.tokens_since_fired)
+                for sae, opt, sched, since, control in zip(
+                    self.saes, self.optimizers, self.schedulers, self.tokens_since_fired, self.controllers
+                )
             ],
         }
 
@@ -203,6 +237,8 @@ class SAETrainer:
             self.optimizers[i].load_state_dict(s["optimizer"])
             self.schedulers[i].load_state_dict(s["scheduler"])
             self.tokens_since_fired[i].copy_(s["tokens_since_fired"])
+            if (control := self.controllers[i]) is not None:
+                control.load_state_dict(s["l0_control"])
         self.step_count, self.tokens_seen = int(state["step_count"]), int(state["tokens_seen"])
         torch.set_rng_state(state["rng"]["torch"])
         if "cuda" in state["rng"] and self.device.type == "cuda":
@@ -215,11 +251,20 @@ class SAETrainer:
             "loss": float(out.loss),
             "fvu": float(err / var),
             "l0": float((out.f > 0).sum(-1).float().mean()),
-            "dead_fraction": float((self.tokens_since_fired[i] >= self.dead_tokens).float().mean()),
+            "dead_fraction": self.dead_fraction(i, self.cfg.dead_report_tokens or self.dead_tokens),
             "lr": float(self.schedulers[i].get_last_lr()[0]),
         }
+        if self.cfg.dead_report_tokens and self.cfg.dead_report_tokens != self.dead_tokens:
+            m["auxk_dead_fraction"] = self.dead_fraction(i, self.dead_tokens)  # what AuxK treats as dead
         m.update({k: float(v) for k, v in out.terms.items()})
         return m
+
+    def dead_fraction(self, i: int, window_tokens: int) -> float:
+        """Share of SAE i's latents that fired on none of the last `window_tokens` training tokens; 0 until that
+        many tokens were seen (a counter cannot tell "dead" from "not yet seen" earlier)."""
+        if self.tokens_seen + self.cfg.batch_size < window_tokens:
+            return 0.0
+        return float((self.tokens_since_fired[i] >= window_tokens).float().mean())
 
 
 StepCallback = Callable[[int, int, list[dict[str, float]]], None]
@@ -255,9 +300,9 @@ def train_saes(
         trainer.load_state_dict(resume_from)
     elif b_dec_sample is not None:
         trainer.init_b_dec(b_dec_sample)
-    elif any(s.cfg.b_dec_init != "zeros" for s in saes):
-        # No sample given (a notebook): b_dec_init is still honoured, from the first batch, which is then
-        # trained on as usual. The pipeline passes `b_dec_sample_rows` rows of its own.
+    else:
+        # No sample given (a notebook): b_dec_init and the data-dependent inits are still honoured, from the first
+        # batch, which is then trained on as usual. The pipeline passes `b_dec_sample_rows` rows of its own.
         first = next(stream, None)
         if first is not None:
             trainer.init_b_dec(first)
