@@ -235,6 +235,9 @@ class SweepConfig(Strict):
     """Latents per input dimension for every grid point whose entry does not set its own; None = the default."""
     lr: float | None = Field(None, gt=0)
     """Learning rate for every grid point whose entry does not set its own; None = each architecture's default."""
+    l0_targets: list[float] | None = Field(None, min_length=1)
+    """The L0s every architecture is trained at, so a frontier is one sweep: k (rounded) for the TopK family,
+    `target_l0` for the architectures with a sparsity coefficient (MATH §3.5); an entry's own k / target_l0 wins."""
     fvu_levels: list[float] = Field(default_factory=lambda: [0.3, 0.2, 0.1])
     """FVU levels (≤) at which the report gives each architecture's needed L0."""
     ce_recovered_levels: list[float] = Field(default_factory=lambda: [0.8, 0.9, 0.95])
@@ -254,6 +257,16 @@ class SweepConfig(Strict):
         self.specs()  # every grid point must be a valid spec
         return self
 
+    def _l0_knob(self, cls) -> dict[str, Any]:
+        """`l0_targets` as the architecture's own sparsity knob."""
+        if not self.l0_targets:
+            return {}
+        if cls.coefficient_field:
+            return {"target_l0": list(self.l0_targets)}
+        if "k" in cls.model_fields:
+            return {"k": sorted({max(1, round(v)) for v in self.l0_targets})}
+        return {}
+
     def baseline_architecture(self) -> str:
         return self.baseline or ("relu" if "relu" in self.architectures else next(iter(self.architectures)))
 
@@ -262,7 +275,7 @@ class SweepConfig(Strict):
         points: list[tuple[Any, dict[str, Any]]] = []
         for arch, entry in self.architectures.items():
             cls = ARCHITECTURES[arch].config_class
-            entry = dict(entry or {})
+            entry = {**self._l0_knob(cls), **dict(entry or {})}
             fixed = {
                 k: v
                 for k, v in (("expansion_factor", self.expansion_factor), ("lr", self.lr))

@@ -54,6 +54,20 @@ def test_sweep_expands_to_one_named_spec_per_grid_point():
     assert cfg.sweep.baseline_architecture() == "relu"
 
 
+def test_one_list_of_l0_targets_sweeps_every_architecture_by_its_own_knob():
+    cfg = validate_config(
+        {"sweep": {"l0_targets": [16, 32.0], "architectures": {"topk": None, "gated": None, "matryoshka": {"k": 8}}}}
+    )
+    assert [s.label() for s in cfg.saes] == [
+        "topk-x8-k16",
+        "topk-x8-k32",
+        "gated-x8-L0_16",
+        "gated-x8-L0_32",
+        "matryoshka-x8-k8",
+    ]
+    assert [s.target_l0 for s in cfg.saes[2:4]] == [16, 32]
+
+
 def test_a_list_valued_field_given_as_one_list_is_fixed_not_swept():
     cfg = validate_config({"sweep": {"architectures": {"matryoshka": {"prefix_fractions": [0.5, 1.0], "k": [8, 16]}}}})
     assert [s.prefix_fractions for s in cfg.saes] == [[0.5, 1.0], [0.5, 1.0]]
