@@ -89,9 +89,9 @@ class JumpReLUConfig(SAEConfig):
     tanh_scale: float = Field(4.0, gt=0)
     """c in the tanh sparsity penalty (per unit of fᵢ‖W_dec,i‖)."""
     threshold_lr_scale: float = Field(10.0, gt=0)
-    """log θ's learning rate as a multiple of the SAE's: Adam moves log θ by about lr per step, so at lr 5e-4 θ can
-    change by at most e^0.5 in 1000 steps, too slow for a controller (or a coefficient) to steer L0; 10 tracked a target L0 within 10% in 1200 steps where 30
-    left twice the dead latents."""
+    """log θ's learning rate as a multiple of the SAE's. Adam moves log θ by about lr per step, so at lr 5e-4 θ can
+    change by at most e^0.5 in 1000 steps: too slow for a controller (or a coefficient) to steer L0. 10 tracked a
+    target L0 within 10% in 1200 steps; 30 left twice the dead latents."""
     aux_coefficient: float = Field(1 / 32, ge=0)
     """α of an AuxK term (MATH §2.4) on the dead latents' pre-activations: a latent whose π stays below θ gets no
     gradient through the jump, so without it a latent that falls silent stays dead (0 turns it off)."""
@@ -105,7 +105,9 @@ class JumpReLUConfig(SAEConfig):
     adam_betas: ClassVar[tuple[float, float]] = (0.0, 0.999)
 
     def sparsity_label(self) -> str:
-        return f"{self.sparsity}_L0_{self.target_l0:g}" if self.target_l0 else f"{self.sparsity}_{self.l0_coefficient:g}"
+        return (
+            f"{self.sparsity}_L0_{self.target_l0:g}" if self.target_l0 else f"{self.sparsity}_{self.l0_coefficient:g}"
+        )
 
 
 @register("jumprelu")

@@ -45,7 +45,13 @@ class TopAFAConfig(SAEConfig):
     default_lr: ClassVar[float] = 5e-4
 
     def sparsity_label(self) -> str:
-        l1 = f"_L0_{self.target_l0:g}" if self.target_l0 else f"_l1_{self.l1_coefficient:g}" if self.l1_coefficient else ""
+        l1 = (
+            f"_L0_{self.target_l0:g}"
+            if self.target_l0
+            else f"_l1_{self.l1_coefficient:g}"
+            if self.l1_coefficient
+            else ""
+        )
         return f"afa{self.afa_coefficient:g}{l1}"
 
 

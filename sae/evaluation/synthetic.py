@@ -99,7 +99,14 @@ REFERENCE_SPECS: dict[str, dict] = {
 
 
 HARD_REGIME = SyntheticConfig(
-    d=64, n_features=512, mean_active=5.0, power_law=1.0, n_groups=32, group_size=3, group_prob=0.8, offset_norm=3.0,
+    d=64,
+    n_features=512,
+    mean_active=5.0,
+    power_law=1.0,
+    n_groups=32,
+    group_size=3,
+    group_prob=0.8,
+    offset_norm=3.0,
     noise=0.02,
 )
 """The hard ground truth of benchmarks/synthetic.py `--regime hard`: 8× overcomplete (512 features in d 64), a

@@ -123,10 +123,10 @@ class SAETrainer:
         self.controllers = [self._controller(s) for s in saes]
 
     def _controller(self, sae: SAE) -> L0Controller | None:
-        target = sae.cfg.l0_target
-        if target is None:
+        target, knob = sae.cfg.l0_target, sae.cfg.coefficient_field
+        if target is None or knob is None:
             return None
-        start = float(getattr(sae.cfg, sae.cfg.coefficient_field)) or sae.cfg.coefficient_start
+        start = float(getattr(sae.cfg, knob)) or sae.cfg.coefficient_start
         c = self.cfg
         return L0Controller(target, start, c.l0_control_gain, c.l0_control_ramp, c.l0_control_horizon, self.device)
 
