@@ -9,7 +9,7 @@ from pydantic import Field
 from torch import Tensor
 
 from saeflow.sae.architectures.base import SAEOutput, TrainState
-from saeflow.sae.architectures.losses import auxk_loss, reconstruction_loss
+from saeflow.sae.architectures.losses import auxk_loss, default_k_aux, reconstruction_loss
 from saeflow.sae.architectures.registry import register
 from saeflow.sae.architectures.topk import TopKConfig, TopKSAE
 
@@ -73,7 +73,7 @@ class BatchTopKSAE(TopKSAE):
         return SAEOutput(x_hat, f, loss, terms)
 
     def k_aux(self) -> int:
-        return self.cfg.k_aux or max(1, self.d_in // 2)  # MATH §2.4 default d/2
+        return default_k_aux(self.cfg.k_aux, self.d_in)
 
     @torch.no_grad()
     def update_threshold(self, f: Tensor) -> None:

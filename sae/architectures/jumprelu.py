@@ -15,7 +15,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from saeflow.sae.architectures.base import SAE, SAEConfig, SAEOutput, TrainState
-from saeflow.sae.architectures.losses import auxk_loss, reconstruction_loss
+from saeflow.sae.architectures.losses import auxk_loss, default_k_aux, reconstruction_loss
 from saeflow.sae.architectures.registry import register
 
 
@@ -158,7 +158,7 @@ class JumpReLUSAE(SAE):
         loss = rec + lam * sparsity
         terms = {"mse": rec.detach(), "sparsity": sparsity.detach()}
         if self.cfg.aux_coefficient:
-            aux = auxk_loss(x - x_hat, pre, self.W_dec, state.dead_mask, self.cfg.k_aux or max(1, self.d_in // 2))
+            aux = auxk_loss(x - x_hat, pre, self.W_dec, state.dead_mask, default_k_aux(self.cfg.k_aux, self.d_in))
             loss = loss + self.cfg.aux_coefficient * aux
             terms["auxk"] = aux.detach()
         return SAEOutput(x_hat, f, loss, terms)

@@ -18,6 +18,11 @@ def warmup(progress: float, fraction: float) -> float:
     return 1.0 if fraction <= 0 else min(1.0, progress / fraction)
 
 
+def default_k_aux(k_aux: int | None, d_in: int) -> int:
+    """AuxK's k: the configured one, else d_in / 2 (MATH §2.4)."""
+    return k_aux or max(1, d_in // 2)
+
+
 def auxk_loss(residual: Tensor, pre_acts: Tensor, W_dec: Tensor, dead_mask: Tensor | None, k_aux: int) -> Tensor:
     """AuxK (MATH §2.4): reconstruct the stop-gradient residual e from the top-k_aux dead latents.
 

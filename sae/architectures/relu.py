@@ -58,7 +58,7 @@ class ReLUSAE(SAE):
         """With a target L0, b_enc starts where each latent fires on a share target / d_sae of the sample, so the
         code starts sparse instead of with half the latents active (MATH §2.1, §3.5)."""
         if self.cfg.target_l0:
-            self.b_enc.copy_(-self.firing_quantile(x @ self.W_enc - self.b_dec @ self.W_enc, self.cfg.target_l0))
+            self.b_enc.copy_(-self.firing_quantile(self.pre_acts(x) - self.b_enc, self.cfg.target_l0))
 
     def encode(self, x: Tensor) -> Tensor:
         return torch.relu(self.pre_acts(x))

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from saeflow.sae.architectures.base import SAE, SAEConfig, SAEOutput, TrainState
 from saeflow.sae.architectures.kernels import DecodeImpl, decode_topk
-from saeflow.sae.architectures.losses import auxk_loss, reconstruction_loss
+from saeflow.sae.architectures.losses import auxk_loss, default_k_aux, reconstruction_loss
 from saeflow.sae.architectures.registry import register
 
 
@@ -55,7 +55,7 @@ class TopKSAE(SAE):
         # The dense code is for the trainer's L0 / dead-latent bookkeeping only, so it carries no graph.
         f = torch.zeros_like(pre).scatter_(-1, idx, vals.detach())
         rec = reconstruction_loss(x, x_hat)
-        k_aux = self.cfg.k_aux or max(1, self.d_in // 2)
+        k_aux = default_k_aux(self.cfg.k_aux, self.d_in)
         aux = auxk_loss(x - x_hat, pre, self.W_dec, state.dead_mask, k_aux)
         loss = rec + self.cfg.aux_coefficient * aux
         return SAEOutput(x_hat, f, loss, {"mse": rec.detach(), "auxk": aux.detach()})
