@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -57,7 +58,8 @@ def load_model(
         )
     if gguf_file and os.path.isdir(path) and not os.path.exists(os.path.join(path, gguf_file)):
         raise ModelLoadError(f"model.gguf_file {gguf_file!r} is not in {path!r}: name a .gguf file in that directory")
-    kw = {"gguf_file": gguf_file} if gguf_file else {}
+    # Any, not str: transformers 5.25 types from_pretrained's keyword arguments one by one.
+    kw: dict[str, Any] = {"gguf_file": gguf_file} if gguf_file else {}
     if revision:
         kw["revision"] = revision
     try:
