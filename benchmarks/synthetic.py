@@ -1,7 +1,7 @@
 """Ground-truth recovery on synthetic superposition data, for every registered architecture.
 
     .venv/bin/python benchmarks/synthetic.py                          # the easy instance, ~2 minutes on 2 CPU cores
-    .venv/bin/python benchmarks/synthetic.py --regime hard --seeds 0 1 2   # issue 11's hard regime, matched L0
+    .venv/bin/python benchmarks/synthetic.py --regime hard --seeds 0 1 2   # issue 11's hard regime at matched L0
 
 Activations are sparse non-negative combinations of known unit directions (more features than dimensions,
 power-law firing frequencies, co-firing groups, a mean offset, small noise; see sae/evaluation/synthetic.py).
@@ -54,11 +54,12 @@ def main() -> None:
     p.add_argument("--d", type=int, default=64, help="easy regime only")
     p.add_argument("--features", type=int, default=128, help="easy regime only")
     p.add_argument("--expansion", type=float, default=2.0, help="d_sae = expansion × true features")
-    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--steps", type=int, help="optimizer steps (default: 3000 easy, 6000 hard)")
     p.add_argument("--batch-size", type=int, default=512)
     p.add_argument("--arch", nargs="*", help="architectures to run (default: all registered)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     a = p.parse_args()
+    a.steps = a.steps or (6000 if a.regime == "hard" else 3000)
     per_seed: list[dict[str, dict]] = []
     labels: dict[str, str] = {}
     for seed in a.seeds:

@@ -102,7 +102,7 @@ def make_sae(arch: str, args: argparse.Namespace, device: torch.device) -> SAE:
 
 def train_step_fn(sae: SAE, x: torch.Tensor, dead: torch.Tensor, amp: torch.dtype | None) -> Callable[[], object]:
     """A closure running one optimizer step (as SAETrainer.step does); returns the batch L0 as a device tensor."""
-    opt = torch.optim.Adam(sae.parameters(), lr=sae.cfg.learning_rate(), betas=sae.cfg.adam_betas)
+    opt = torch.optim.Adam(sae.parameters(), lr=sae.cfg.learning_rate(sae.d_sae), betas=sae.cfg.adam_betas)
     state = TrainState(0.5, dead)  # mid-training: sparsity warm-ups are over
 
     def step() -> torch.Tensor:

@@ -63,11 +63,13 @@ def test_the_logged_dead_fraction_is_what_evaluation_finds_on_as_many_held_out_r
         final = logged[-1][i]  # the last step reports, whatever log_every says
         held_out = recovery_metrics(sae, truth, n_eval=8192)["dead_fraction"]
         long_held_out = recovery_metrics(sae, truth, n_eval=76_800)["dead_fraction"]
-        # Same window, same meaning: silent over the last 8192 training rows ≈ silent on 8192 held-out rows, and
-        # the AuxK window's share ≈ silence on as many held-out rows. Two independent samples: a rare latent fires in
-        # one and not the other, so they agree to sampling noise (≈ 0.03 for 256 latents), not exactly.
+        # Same window, same meaning: silent over the last 8192 training rows ≈ silent on 8192 held-out rows. Two
+        # independent samples: a rare latent fires in one and not the other, so they agree to sampling noise (≈ 0.03
+        # for 256 latents), not exactly.
         assert final["dead_fraction"] == pytest.approx(held_out, abs=0.06), (list(TARGETS)[i], held_out)
-        assert final["auxk_dead_fraction"] == pytest.approx(long_held_out, abs=0.06), (list(TARGETS)[i], long_held_out)
+        # The AuxK window is longer than the last revival's distance from the end (MATH §3.3): a latent revived late
+        # fires on the rows it was pointed at and counts as alive there, so that share can only be lower.
+        assert final["auxk_dead_fraction"] <= long_held_out + 0.06, (list(TARGETS)[i], long_held_out)
     # JumpReLU has rare latents, so the two windows really differ (0.34 vs 0.01 when measured): reporting the AuxK
     # window, as training did before, hid a third of the dictionary that evaluation calls dead.
     assert logged[-1][jumprelu]["dead_fraction"] > logged[-1][jumprelu]["auxk_dead_fraction"] + 0.15

@@ -31,10 +31,10 @@ class GatedConfig(SAEConfig):
     """Keep decoder rows unit norm (paper); False leaves them free and weights the L1 term by ‖W_dec,i‖."""
 
     # MATH §2.2 names lr 5e-5 (the reference trainer's, for ~10⁵-step runs); it barely moves in saeflow's runs of
-    # 10²–10⁴ steps, so the default is the project's usual 5e-4. β₁ = 0 is kept from the reference.
+    # 10²–10⁴ steps, so the default is the common rule of MATH §3.2. β₁ = 0 is kept from the reference.
     coefficient_field: ClassVar[str | None] = "l1_coefficient"
     warmup_field: ClassVar[str | None] = "l1_warmup"
-    default_lr: ClassVar[float] = 5e-4
+    coefficient_start: ClassVar[float] = 3.0  # the field's default, which lands near L0 32 on the real LM
     adam_betas: ClassVar[tuple[float, float]] = (0.0, 0.999)
 
     def sparsity_label(self) -> str:
@@ -62,6 +62,9 @@ class GatedSAE(SAE):
         code starts sparse instead of with half the latents open (MATH §2.2, §3.5)."""
         if self.cfg.target_l0:
             self.b_enc.copy_(-self.firing_quantile(self._centred(x), self.cfg.target_l0))
+
+    def latent_dims(self) -> dict[str, int]:
+        return {**super().latent_dims(), "r_mag": 0, "b_mag": 0}
 
     def _centred(self, x: Tensor) -> Tensor:
         """(x − b_dec) W_gate, shared by both paths."""

@@ -101,7 +101,6 @@ class JumpReLUConfig(SAEConfig):
     # As for gated: the reference lr 5e-5 suits ~10⁵-step runs; log θ moves at most ≈ lr per Adam step.
     coefficient_field: ClassVar[str | None] = "l0_coefficient"
     warmup_field: ClassVar[str | None] = "l0_warmup"
-    default_lr: ClassVar[float] = 5e-4
     adam_betas: ClassVar[tuple[float, float]] = (0.0, 0.999)
 
     def sparsity_label(self) -> str:
@@ -129,6 +128,9 @@ class JumpReLUSAE(SAE):
         if self.cfg.target_l0:
             theta = self.firing_quantile(self.pre_acts(x), self.cfg.target_l0).clamp_min(1e-3)
             self.log_threshold.copy_(theta.log())
+
+    def latent_dims(self) -> dict[str, int]:
+        return {**super().latent_dims(), "log_threshold": 0}
 
     def param_groups(self, lr: float) -> list[dict]:
         rest = [p for name, p in self.named_parameters() if name != "log_threshold"]

@@ -27,7 +27,7 @@ class ReLUConfig(SAEConfig):
 
     coefficient_field: ClassVar[str | None] = "l1_coefficient"
     warmup_field: ClassVar[str | None] = "l1_warmup"
-    default_lr: ClassVar[float] = 5e-4
+    coefficient_start: ClassVar[float] = 1.0  # target L0 without a set l1_coefficient: see SAETrainer._controller
 
     def sparsity_label(self) -> str:
         return f"L0_{self.target_l0:g}" if self.target_l0 else f"l1_{self.l1_coefficient:g}"

@@ -42,7 +42,6 @@ class TopAFAConfig(SAEConfig):
     coefficient_field: ClassVar[str | None] = "l1_coefficient"
     coefficient_start: ClassVar[float] = 0.3  # the λ₁ that gave L0 ≈ 3× the true L0 on the easy synthetic instance
     warmup_field: ClassVar[str | None] = "l1_warmup"
-    default_lr: ClassVar[float] = 5e-4
 
     def sparsity_label(self) -> str:
         l1 = (

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import Literal
 
 import torch
 from pydantic import Field
@@ -22,8 +22,6 @@ class TopKConfig(SAEConfig):
     """Dead latents used by AuxK; None means d_in / 2."""
     aux_coefficient: float = Field(1 / 32, ge=0)
     """α, the weight of the AuxK loss."""
-
-    default_lr: ClassVar[float] = 5e-4
 
     def sparsity_label(self) -> str:
         return f"k{self.k}"

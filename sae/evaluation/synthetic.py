@@ -114,6 +114,11 @@ heavy tail of firing frequencies (p ∝ 1/(i+1): the rarest fires on 0.14% of ro
 offset of norm 3 (the signal's typical norm is about 2.8) and noise; L0 ≈ 5. Every seed gives a new instance."""
 
 
+HARD_REGIME_FAST = HARD_REGIME.model_copy(update={"n_features": 256, "n_groups": 16})
+"""The hard regime at half the features (4× overcomplete in d 64, 16 co-firing triples; L0 ≈ 5.6): small enough for
+the test suite's fast version (tests/test_hard_ground_truth.py), which trains 1500 steps × 256 rows."""
+
+
 def matched_specs(true_l0: float, d_sae: int) -> dict[str, dict]:
     """One spec per architecture at the true L0 with shipped defaults otherwise: k = round(true L0) for the TopK
     family, `target_l0` = true L0 for every architecture with a coefficient (MATH §3.5)."""

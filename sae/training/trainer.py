@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from saeflow.sae.architectures.base import SAE, TrainState
 from saeflow.sae.device import pick_device
 from saeflow.sae.training.memory import check_training_memory, estimate_training_memory
+from saeflow.sae.training.revival import revive_dead
 from saeflow.sae.training.sparsity_control import L0Controller
 
 
@@ -44,6 +45,10 @@ class TrainingConfig(BaseModel):
     """Window of the logged `dead_fraction`: latents that fired on none of the last this many training tokens
     (MATH §3.3). None = the dead window. The pipeline sets it to the evaluation's row count, so the number logged
     in training and `eval/dead_fraction` (never firing on that many held-out rows) measure the same thing."""
+    revive_dead_until: float = Field(0.8, ge=0, le=1)
+    """Until this fraction of training, each time another window of tokens has passed, latents silent for a whole
+    window (`dead_report_tokens`, else `dead_tokens`) are re-pointed at the residual of poorly reconstructed rows
+    (MATH §3.3, up to a quarter of a batch per SAE at a time); 0 turns revival off."""
     log_every: int = Field(10, ge=1)
     """Report step metrics every this many steps."""
     device: str = "auto"
@@ -112,7 +117,7 @@ class SAETrainer:
         self.schedulers = []
         for sae in saes:
             sae.to(self.device)
-            opt = torch.optim.Adam(sae.param_groups(sae.cfg.learning_rate()), betas=sae.cfg.adam_betas)
+            opt = torch.optim.Adam(sae.param_groups(sae.cfg.learning_rate(sae.d_sae)), betas=sae.cfg.adam_betas)
             self.optimizers.append(opt)
             self.schedulers.append(
                 torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(self.total_steps, cfg.lr_warmup, cfg.lr_decay))
@@ -121,12 +126,20 @@ class SAETrainer:
         self.tokens_since_fired = [torch.zeros(s.d_sae, dtype=torch.long, device=self.device) for s in saes]
         # One L0 controller per SAE trained to a target L0 (MATH §3.5), None for the others.
         self.controllers = [self._controller(s) for s in saes]
+        self.revived = [0 for _ in saes]  # latents revived so far, per SAE (logged as `revived_latents`)
+        # Revival targets what evaluation would call dead: silent over the report window when one is set (the
+        # pipeline sets the eval's row count), else over the dead window (MATH §3.3).
+        self.revive_window = cfg.dead_report_tokens or self.dead_tokens
 
     def _controller(self, sae: SAE) -> L0Controller | None:
         target, knob = sae.cfg.l0_target, sae.cfg.coefficient_field
         if target is None or knob is None:
             return None
-        start = float(getattr(sae.cfg, knob)) or sae.cfg.coefficient_start
+        # A coefficient the user set is their guess of where λ ends; otherwise the architecture's own start (its
+        # field default is tuned for fixed-coefficient training, and relu's 5 sank the real LM's L0 from 32 to 20
+        # within 30 steps, which the controller then needed most of a 390-step run to undo).
+        configured = float(getattr(sae.cfg, knob)) if knob in sae.cfg.model_fields_set else 0.0
+        start = configured or sae.cfg.coefficient_start
         c = self.cfg
         return L0Controller(target, start, c.l0_control_gain, c.l0_control_ramp, c.l0_control_horizon, self.device)
 
@@ -155,6 +168,12 @@ class SAETrainer:
         x = x.to(self.device, torch.float32, non_blocking=True)
         progress = self.step_count / self.total_steps
         amp = self.autocast_dtype()
+        # Revive once per dead window (MATH §3.3): a revived latent then has a whole window to fire before it can
+        # count as dead again.
+        window = self.revive_window
+        revive = progress < self.cfg.revive_dead_until and (
+            (self.tokens_seen + x.shape[0]) // window > self.tokens_seen // window
+        )
         stats = []
         for i, sae in enumerate(self.saes):
             dead = self.tokens_since_fired[i] >= self.dead_tokens
@@ -176,6 +195,11 @@ class SAETrainer:
                 fired = active.any(0)
                 self.tokens_since_fired[i] += x.shape[0]
                 self.tokens_since_fired[i][fired] = 0
+                if revive:
+                    silent = self.tokens_since_fired[i] >= self.revive_window
+                    # τ is not reset: a revived latent counts as silent until it fires, so the logged dead fractions
+                    # stay what held-out rows show, and one still silent a window later is revived again.
+                    self.revived[i] += len(revive_dead(sae, opt, x, out.x_hat, silent))
                 if control:
                     control.update(active.sum(-1).float().mean(), progress)
                 # The last step reports too, so the last logged numbers (dead fraction above all) are the final ones.
@@ -215,10 +239,11 @@ class SAETrainer:
                     "optimizer": opt.state_dict(),
                     "scheduler": sched.state_dict(),
                     "tokens_since_fired": since,
+                    "revived": revived,
                     **({"l0_control": control.state_dict()} if control else {}),
                 }
-                for sae, opt, sched, since, control in zip(
-                    self.saes, self.optimizers, self.schedulers, self.tokens_since_fired, self.controllers
+                for sae, opt, sched, since, control, revived in zip(
+                    self.saes, self.optimizers, self.schedulers, self.tokens_since_fired, self.controllers, self.revived
                 )
             ],
         }
@@ -237,6 +262,7 @@ class SAETrainer:
             self.optimizers[i].load_state_dict(s["optimizer"])
             self.schedulers[i].load_state_dict(s["scheduler"])
             self.tokens_since_fired[i].copy_(s["tokens_since_fired"])
+            self.revived[i] = int(s.get("revived", 0))  # states saved before revival existed have none
             if (control := self.controllers[i]) is not None:
                 control.load_state_dict(s["l0_control"])
         self.step_count, self.tokens_seen = int(state["step_count"]), int(state["tokens_seen"])
@@ -253,6 +279,7 @@ class SAETrainer:
             "l0": float((out.f > 0).sum(-1).float().mean()),
             "dead_fraction": self.dead_fraction(i, self.cfg.dead_report_tokens or self.dead_tokens),
             "lr": float(self.schedulers[i].get_last_lr()[0]),
+            "revived_latents": float(self.revived[i]),
         }
         if self.cfg.dead_report_tokens and self.cfg.dead_report_tokens != self.dead_tokens:
             m["auxk_dead_fraction"] = self.dead_fraction(i, self.dead_tokens)  # what AuxK treats as dead
