@@ -58,7 +58,6 @@ def test_one_run_lands_within_ten_percent_of_the_target_l0_on_held_out_rows(trai
 def test_the_logged_dead_fraction_is_what_evaluation_finds_on_as_many_held_out_rows(trained):
     truth, saes, trainer, logged = trained
     assert trainer.dead_tokens == STEPS * BATCH // 4 == 76_800
-    jumprelu = list(TARGETS).index("jumprelu")
     for i, sae in enumerate(saes):
         final = logged[-1][i]  # the last step reports, whatever log_every says
         held_out = recovery_metrics(sae, truth, n_eval=8192)["dead_fraction"]
@@ -70,9 +69,9 @@ def test_the_logged_dead_fraction_is_what_evaluation_finds_on_as_many_held_out_r
         # The AuxK window is longer than the last revival's distance from the end (MATH §3.3): a latent revived late
         # fires on the rows it was pointed at and counts as alive there, so that share can only be lower.
         assert final["auxk_dead_fraction"] <= long_held_out + 0.06, (list(TARGETS)[i], long_held_out)
-    # JumpReLU has rare latents, so the two windows really differ (0.34 vs 0.01 when measured): reporting the AuxK
-    # window, as training did before, hid a third of the dictionary that evaluation calls dead.
-    assert logged[-1][jumprelu]["dead_fraction"] > logged[-1][jumprelu]["auxk_dead_fraction"] + 0.15
+    # Before revival, JumpReLU's two windows differed by a third of the dictionary here (0.34 vs 0.01): reporting the
+    # AuxK window hid latents evaluation calls dead. Revival (MATH §3.3) now re-points most of those, so the gap is
+    # small; the report window is still the one that matches held-out rows (asserted above).
 
 
 def test_the_controller_state_resumes_with_the_training_state(trained):
