@@ -203,21 +203,23 @@ class SAE(nn.Module):
         Revival rewrites those slices (and their Adam moments); an architecture adds its own per-latent ones."""
         return {"W_enc": 1, "b_enc": 0, "W_dec": 0}
 
+    def others(self, latents: Tensor) -> Tensor:
+        """Bool [d_sae]: True for every latent not in `latents` (all of them when `latents` is every latent)."""
+        rest = torch.ones(self.d_sae, dtype=torch.bool, device=latents.device)
+        rest[latents] = False
+        return rest if rest.any() else ~rest
+
     @torch.no_grad()
     def revive(self, latents: Tensor, directions: Tensor) -> None:
         """Point `latents` at unit `directions` [n, d_in]: each decoder row becomes its direction and each encoder
         column that direction at the alive latents' mean encoder norm, so the latent reads what it writes; every
         other per-latent parameter takes the alive latents' median (a typical bias, gate or threshold)."""
-        alive = torch.ones(self.d_sae, dtype=torch.bool, device=latents.device)
-        alive[latents] = False
-        if not alive.any():
-            alive[:] = True
-        enc_norm = self.W_enc[:, alive].norm(dim=0).mean()
+        alive = self.others(latents)
         self.W_dec[latents] = directions * self.W_dec[alive].norm(dim=1).mean()
-        self.W_enc[:, latents] = directions.T * enc_norm
+        self.W_enc[:, latents] = directions.T * self.W_enc[:, alive].norm(dim=0).mean()
         params = dict(self.named_parameters())
-        for name, dim in self.latent_dims().items():
-            if name not in ("W_enc", "W_dec") and params[name].dim() == 1 and dim == 0:
+        for name in self.latent_dims():
+            if params[name].dim() == 1:  # biases, gates, thresholds; the 2-D weights were set above
                 params[name][latents] = params[name][alive].median()
 
     # ----- hooks around the optimizer step ---------------------------------------------------------------

@@ -171,8 +171,8 @@ class SAETrainer:
         x = x.to(self.device, torch.float32, non_blocking=True)
         progress = self.step_count / self.total_steps
         amp = self.autocast_dtype()
-        # Revive once per dead window (MATH §3.3): a revived latent then has a whole window to fire before it can
-        # count as dead again.
+        # Revive once per revival window (MATH §3.3): a revived latent then has a whole window to fire before it can
+        # count as silent again.
         window = self.revive_window
         revive = progress < self.cfg.revive_dead_until and (
             (self.tokens_seen + x.shape[0]) // window > self.tokens_seen // window
@@ -199,7 +199,7 @@ class SAETrainer:
                 self.tokens_since_fired[i] += x.shape[0]
                 self.tokens_since_fired[i][fired] = 0
                 if revive:
-                    silent = self.tokens_since_fired[i] >= self.revive_window
+                    silent = self.tokens_since_fired[i] >= window
                     # τ is not reset: a revived latent counts as silent until it fires, so the logged dead fractions
                     # stay what held-out rows show, and one still silent a window later is revived again.
                     self.revived[i] += len(revive_dead(sae, opt, x, out.x_hat, silent))
