@@ -21,16 +21,17 @@ from saeflow.sae.evaluation.synthetic import (
 )
 
 STEPS, BATCH = 1500, 256
-# Recovery at cos > 0.9 measured with the shipped defaults (2026-12-07): relu 86.7%, gated 93.0%, jumprelu 91.4%,
-# topk 92.6%, batchtopk 90.2%, matryoshka 88.7%, top-AFA 90.2%. With the old default lr of 5e-4 every one of them
-# fell to 10–31%. The floors leave 5 points for float differences between machines.
+# Recovery at cos > 0.9 measured with the shipped defaults (2026-12-07, after TopK's k annealing and Matryoshka's
+# [1/2, 1] prefixes): relu 86.3%, gated 93.4%, jumprelu 93.0%, topk 93.0%, batchtopk 91.0%, matryoshka 90.6%,
+# top-AFA 91.0%. With the old default lr of 5e-4 every one of them fell to 10–31%. The floors leave 4–5 points for
+# float differences between machines.
 FLOORS = {
     "relu": 0.82,
     "gated": 0.88,
     "jumprelu": 0.86,
     "topk": 0.88,
     "batchtopk": 0.85,
-    "matryoshka": 0.84,
+    "matryoshka": 0.86,
     "topafa": 0.85,
 }
 

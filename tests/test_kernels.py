@@ -104,6 +104,6 @@ def test_topk_training_code_equals_encode():
     torch.manual_seed(1)
     sae = build_sae(TopKConfig(k=K, d_sae=D_SAE), D_IN)
     x = torch.randn(B, D_IN)
-    out = sae.loss(x, TrainState(0.0, None))
+    out = sae.loss(x, TrainState(1.0, None))  # past k annealing (MATH §2.4), where training selects k too
     assert torch.equal(out.f, sae.encode(x))
     torch.testing.assert_close(out.x_hat, sae(x), atol=1e-5, rtol=1e-5)

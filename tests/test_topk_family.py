@@ -51,6 +51,24 @@ def test_batchtopk_threshold_is_running_mean_of_smallest_kept_activation():
     assert torch.allclose(sae.threshold, torch.stack(mins).mean())
 
 
+@pytest.mark.parametrize("arch", ["topk", "batchtopk", "matryoshka"])
+def test_training_k_anneals_geometrically_to_k_and_inference_always_uses_k(arch):  # MATH §2.4
+    torch.manual_seed(0)
+    sae = build_sae({"architecture": arch, "k": 8, "d_sae": 256, "k_start_factor": 4, "k_anneal": 0.5}, d_in=16)
+    assert [sae.k_at(p) for p in (0.0, 0.25, 0.5, 0.9, 1.0)] == [32, 16, 8, 8, 8]  # 8·4^(1 − p/0.5)
+    x = torch.randn(64, 16)
+    for progress, k in ((0.0, 32), (0.25, 16), (0.75, 8)):
+        nnz = (sae.train().loss(x, TrainState(progress, None)).f > 0).sum(-1)
+        if arch == "topk":
+            assert int(nnz.max()) == k  # per row
+        else:
+            assert int(nnz.sum()) == k * 64  # across the batch
+    off = build_sae({"architecture": arch, "k": 8, "d_sae": 256, "k_anneal": 0.0}, d_in=16)
+    assert off.k_at(0.0) == 8
+    if arch == "topk":
+        assert int((sae.eval().encode(x) > 0).sum(-1).max()) == 8
+
+
 # ----- top-AFA ---------------------------------------------------------------------------------------------------
 def _afa_example(**cfg) -> TopAFASAE:
     """Orthonormal decoder rows (e₁..e₆ in ℝ⁸), b = 0, and an encoder chosen so that x = 5·eᵢ gives, by hand,

@@ -19,6 +19,9 @@ class BatchTopKConfig(TopKConfig):
     threshold_decay: float = Field(0.99, ge=0, le=1)
     """Per-step decay of θ's running mean: θ averages the last ~1/(1 − decay) steps; 1.0 = mean over all steps."""
     # 0.99 is SAELens' threshold lr of 0.01: θ should describe the end of training, not the random init.
+    k_anneal: float = Field(0.0, ge=0, le=1)
+    """k annealing (TopK's, MATH §2.4) is off: the batch-wide selection already lets latents outside a row's top k
+    fire, and on the real-LM benchmark annealing from 4k left BatchTopK's dead share where it was (5.0% → 5.3%)."""
     aux_coefficient: float = Field(1 / 8, ge=0)
     """α, the weight of the AuxK loss. 1/8, not TopK's 1/32: the batch-wide selection lets a few latents take the
     slots of many rows, so more latents fall dead and need reviving; on the synthetic ground truth (d 64, 128
@@ -63,7 +66,7 @@ class BatchTopKSAE(TopKSAE):
         # Written out rather than super().loss(): the training code must come from batch_topk even if TopK's
         # loss moves to a fused per-row kernel.
         pre = self.pre_acts(x)
-        f = batch_topk(pre, self.cfg.k)
+        f = batch_topk(pre, self.k_at(state.progress))
         x_hat = self.decode(f)
         rec = reconstruction_loss(x, x_hat)
         aux = auxk_loss(x - x_hat, pre, self.W_dec, state.dead_mask, self.k_aux())

@@ -22,6 +22,14 @@ class TopKConfig(SAEConfig):
     """Dead latents used by AuxK; None means d_in / 2."""
     aux_coefficient: float = Field(1 / 32, ge=0)
     """α, the weight of the AuxK loss."""
+    k_start_factor: float = Field(2.0, ge=1)
+    """Training starts at k·k_start_factor active latents per row (capped at d_sae) and falls geometrically to `k`
+    over the first `k_anneal` of training (MATH §2.4); 1 = k throughout."""
+    k_anneal: float = Field(0.5, ge=0, le=1)
+    """Fraction of training over which k anneals to `k`; 0 = k throughout. On the real-LM benchmark (k 32, 390
+    steps) it took held-out dead latents from 9.3–10.1% to 3.8% at +0.6% FVU (benchmarks/README.md): with k from
+    the first step, latents that lose the first rounds of the top-k contest never fire again, and neither AuxK nor
+    revival brings them back in so short a run."""
 
     def sparsity_label(self) -> str:
         return f"k{self.k}"
@@ -44,9 +52,17 @@ class TopKSAE(SAE):
         vals, idx = pre.topk(min(self.cfg.k, self.d_sae), dim=-1, sorted=False)
         return torch.zeros_like(pre).scatter_(-1, idx, torch.relu(vals))
 
+    def k_at(self, progress: float) -> int:
+        """The training k at `progress` ∈ [0, 1]: k·factor^(1 − progress/k_anneal), rounded, while annealing;
+        `k` itself after. Inference always uses `k`."""
+        c = self.cfg
+        if c.k_anneal <= 0 or progress >= c.k_anneal or c.k_start_factor <= 1:
+            return c.k
+        return max(c.k, round(c.k * c.k_start_factor ** (1 - progress / c.k_anneal)))
+
     def loss(self, x: Tensor, state: TrainState) -> SAEOutput:
         pre = self.pre_acts(x)
-        vals, idx = pre.topk(min(self.cfg.k, self.d_sae), dim=-1, sorted=False)
+        vals, idx = pre.topk(min(self.k_at(state.progress), self.d_sae), dim=-1, sorted=False)
         vals = torch.relu(vals)
         # x̂ from the k active rows only (MATH §2.4 sparse decoder); same numbers as decode(activation(pre)).
         x_hat = decode_topk(vals, idx, self.W_dec, self.b_dec, self.decode_impl)
