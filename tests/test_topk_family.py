@@ -127,7 +127,9 @@ def test_topafa_loss_adds_norm_matching_term():
 @pytest.mark.parametrize("reduction", ["sum", "mean"])
 def test_matryoshka_loss_is_the_sum_of_prefix_reconstruction_losses(reduction):
     torch.manual_seed(0)
-    sae = build_sae({"architecture": "matryoshka", "k": 4, "d_sae": 64, "prefix_loss": reduction}, d_in=16)
+    assert build_sae({"architecture": "matryoshka", "d_sae": 64}, d_in=16).prefixes == [32, 64]  # default [1/2, 1]
+    spec = {"architecture": "matryoshka", "k": 4, "d_sae": 64, "prefix_loss": reduction}
+    sae = build_sae({**spec, "prefix_fractions": [0.25, 0.5, 1.0]}, d_in=16)
     with torch.no_grad():
         sae.b_dec.normal_()
     assert sae.prefixes == [16, 32, 64]
