@@ -16,8 +16,7 @@ TARGETS = {"relu": 12.0, "gated": 8.0, "jumprelu": 8.0, "topafa": 12.0}
 MAX_FVU = {"relu": 0.6, "gated": 0.3, "jumprelu": 0.3, "topafa": 0.6}  # L1 shrinks relu and top-AFA at low L0
 
 
-@pytest.fixture(scope="module")
-def trained():
+def train_to_targets(steps: int):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny matrices: one thread is faster and immune to a busy machine
     try:
@@ -32,9 +31,9 @@ def trained():
         logged: list[list[dict[str, float]]] = []
         trainer = train_saes(
             saes,
-            truth.batches(BATCH, STEPS, seed=1),
+            truth.batches(BATCH, steps, seed=1),
             cfg,
-            STEPS * BATCH,
+            steps * BATCH,
             b_dec_sample=truth.sample(4096, torch.Generator().manual_seed(2)),
             on_step=lambda step, tokens, metrics: logged.append(metrics),
             progress=False,
@@ -42,6 +41,11 @@ def trained():
     finally:
         torch.set_num_threads(threads)
     return truth, saes, trainer, logged
+
+
+@pytest.fixture(scope="module")
+def trained():
+    return train_to_targets(STEPS)
 
 
 @pytest.mark.parametrize("arch", list(TARGETS))
@@ -55,6 +59,18 @@ def test_one_run_lands_within_ten_percent_of_the_target_l0_on_held_out_rows(trai
     assert len(set(coefficients)) > 10 and all(c > 0 for c in coefficients)  # adapted, and logged every report
 
 
+def test_a_run_as_short_as_the_real_lm_benchmark_lands_too():
+    # 390 steps, the real-LM benchmark's length (400k tokens × 1024 rows): the controller's default gain and horizon
+    # scale with the run below 1000 steps (MATH §3.5). With the per-step defaults of long runs (0.01, 100 steps),
+    # this run ended at L0 6.77 (gated) and 6.14 (JumpReLU) for targets of 8, and the real LM's top-AFA at 45 for 32.
+    truth, saes, trainer, _ = train_to_targets(390)
+    assert [c.gain for c in trainer.controllers if c] == [10 / 390] * 4
+    assert [c.horizon for c in trainer.controllers if c] == [0.08 * 390] * 4
+    for arch, sae in zip(TARGETS, saes):
+        m = recovery_metrics(sae, truth)
+        assert m["l0"] == pytest.approx(TARGETS[arch], rel=0.10), (arch, m)
+
+
 def test_the_logged_dead_fraction_is_what_evaluation_finds_on_as_many_held_out_rows(trained):
     truth, saes, trainer, logged = trained
     assert trainer.dead_tokens == STEPS * BATCH // 4 == 76_800
@@ -64,8 +80,10 @@ def test_the_logged_dead_fraction_is_what_evaluation_finds_on_as_many_held_out_r
         long_held_out = recovery_metrics(sae, truth, n_eval=76_800)["dead_fraction"]
         # Same window, same meaning: silent over the last 8192 training rows ≈ silent on 8192 held-out rows. Two
         # independent samples: a rare latent fires in one and not the other, so they agree to sampling noise (≈ 0.03
-        # for 256 latents), not exactly.
-        assert final["dead_fraction"] == pytest.approx(held_out, abs=0.06), (list(TARGETS)[i], held_out)
+        # for 256 latents), not exactly. JumpReLU, with three quarters of its latents silent here, is the farthest
+        # apart (measured 0.63 vs 0.70 with the default revival window of a tenth of training, 0.74 vs 0.74 with the
+        # dead window).
+        assert final["dead_fraction"] == pytest.approx(held_out, abs=0.08), (list(TARGETS)[i], held_out)
         # The AuxK window is longer than the last revival's distance from the end (MATH §3.3): a latent revived late
         # fires on the rows it was pointed at and counts as alive there, so that share can only be lower.
         assert final["auxk_dead_fraction"] <= long_held_out + 0.06, (list(TARGETS)[i], long_held_out)

@@ -5,8 +5,10 @@ non-linearly (Gated's L0 falls off a cliff between two coefficients) and differe
 the coefficient is a state of training instead: each step measures the batch's L0 and moves log λ by
 
     e = log(L0 + 1) − log(L0*(t) + 1)            (log space: an L0 of 500 vs 50 is as far off as 50 vs 5)
-    log λ ← log λ + gain · clip(e, −1, 1)         (integral action; the clip bounds a step while L0 is far off)
-    λ_used = exp(log λ + gain_p · clip(e, −1, 1))  (proportional action damps the lag between λ and L0)
+    log λ ← log λ + gain · clip(e + horizon · slope, −1, 1)
+
+(integral action on where L0 is heading: `slope` is the EMA of log L0's change per step, which stops the wind-up
+that overshoots into a collapse; the clip bounds a step while L0 is far off),
 
 where the target L0*(t) glides geometrically from the first batch's L0 to the target over the first
 `ramp` fraction of training, so λ rises smoothly while the code sparsifies instead of jumping to where a dense
