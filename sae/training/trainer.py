@@ -51,9 +51,9 @@ class TrainingConfig(BaseModel):
     per SAE at a time); 0 turns revival off."""
     revive_window_tokens: int | None = Field(None, ge=1)
     """Revival window; None = the dead window (`dead_tokens`), but at most a tenth of the training tokens for
-    architectures other than the TopK family, so a latent that dies gets revived several times before revival
-    stops (MATH §3.3). On the real-LM benchmark the tenth (40k tokens instead of 100k) took gated from 6.5% to 1.8%
-    dead at the same CE recovered (benchmarks/README.md)."""
+    relu, gated and top-AFA (not the TopK family or JumpReLU), so a latent that dies gets revived several times
+    before revival stops (MATH §3.3). On the real-LM benchmark the tenth (40k tokens instead of 100k) took gated
+    from 6.5% to 1.8% dead at the same CE recovered (benchmarks/README.md)."""
     log_every: int = Field(10, ge=1)
     """Report step metrics every this many steps."""
     device: str = "auto"
