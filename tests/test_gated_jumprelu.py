@@ -129,6 +129,30 @@ def test_jumprelu_loss_gradient_on_log_threshold_follows_spec():
     torch.testing.assert_close(sae.log_threshold.grad, theta * d_theta)  # chain rule through θ = exp(t)
 
 
+def test_jumprelu_threshold_tracking_shifts_every_threshold_by_one_common_step_toward_the_target_l0():
+    x = _x(200)
+    shifts, l0_after = {}, {}
+    for rate in (1.0, 0.3):
+        sae = _jumprelu(target_l0=12.0, threshold_tracking=rate)
+        before = sae.log_threshold.detach().clone()
+        with torch.no_grad():
+            pre = sae.pre_acts(x)
+            l0_before = float((pre > sae.threshold).sum(-1).double().mean())
+        out = sae.loss(x, TrainState(progress=0.5, dead_mask=None))
+        shifts[rate] = sae.log_threshold.detach() - before
+        with torch.no_grad():
+            l0_after[rate] = float((pre > sae.threshold).sum(-1).double().mean())
+        assert float(out.terms["controlled_l0"]) == pytest.approx(l0_before)  # what the controller steers λ by
+        assert float(out.f.ne(0).sum(-1).double().mean()) == pytest.approx(l0_after[rate])  # the step used new θ
+    assert l0_before > 13  # the step is not trivially zero
+    full = shifts[1.0]
+    assert torch.allclose(full, full[0].expand_as(full), atol=1e-12)  # one shift common to every latent
+    assert 0 < float(full[0]) < 1  # θ rises (L0 was above the target), unclipped
+    assert l0_after[1.0] == 12.0  # the full step lands on the target: 12 × 200 entries stay above θ
+    torch.testing.assert_close(shifts[0.3], 0.3 * full)
+    assert 12.0 < l0_after[0.3] < l0_before
+
+
 def test_jumprelu_encode_zeroes_everything_at_or_below_threshold():
     sae = _jumprelu()
     x = _x(256)

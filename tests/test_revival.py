@@ -89,13 +89,13 @@ def test_the_trainer_revives_once_per_dead_window_until_revive_dead_until_and_co
     assert trainer.state_dict()["saes"][0]["revived"] == revived_after[-1] > 0
 
 
-def test_the_revival_window_is_a_tenth_of_training_except_for_the_topk_family_and_jumprelu():
+def test_the_revival_window_is_a_tenth_of_training_except_for_the_topk_family():
     # MATH §3.3: dead window = a quarter of training (250 batches here); revival every tenth (100 batches) for
-    # relu/gated/top-AFA, every dead window for TopK, BatchTopK, Matryoshka and JumpReLU.
-    archs = ("relu", "gated", "topafa", "topk", "batchtopk", "jumprelu")
+    # relu/gated/JumpReLU/top-AFA, every dead window for TopK, BatchTopK and Matryoshka.
+    archs = ("relu", "gated", "jumprelu", "topafa", "topk", "batchtopk", "matryoshka")
     saes = [build_sae({"architecture": a, "d_sae": D_SAE}, D) for a in archs]
     trainer = SAETrainer(saes, TrainingConfig(batch_size=B, device="cpu"), 1000 * B)
     assert trainer.dead_tokens == 250 * B
-    assert trainer.revive_windows == [100 * B] * 3 + [250 * B] * 3
+    assert trainer.revive_windows == [100 * B] * 4 + [250 * B] * 3
     pinned = SAETrainer(saes, TrainingConfig(batch_size=B, device="cpu", revive_window_tokens=7 * B), 1000 * B)
-    assert pinned.revive_windows == [7 * B] * 6
+    assert pinned.revive_windows == [7 * B] * 7

@@ -51,7 +51,7 @@ class TrainingConfig(BaseModel):
     per SAE at a time); 0 turns revival off."""
     revive_window_tokens: int | None = Field(None, ge=1)
     """Revival window; None = the dead window (`dead_tokens`), but at most a tenth of the training tokens for
-    relu, gated and top-AFA (not the TopK family or JumpReLU), so a latent that dies gets revived several times
+    relu, gated, JumpReLU and top-AFA (not the TopK family), so a latent that dies gets revived several times
     before revival stops (MATH §3.3). On the real-LM benchmark the tenth (40k tokens instead of 100k) took gated
     from 6.5% to 1.8% dead at the same CE recovered (benchmarks/README.md)."""
     log_every: int = Field(10, ge=1)
@@ -217,7 +217,10 @@ class SAETrainer:
                     # stay what held-out rows show, and one still silent a window later is revived again.
                     self.revived[i] += len(revive_dead(sae, opt, x, out.x_hat, silent))
                 if control:
-                    control.update(active.sum(-1).float().mean(), progress)
+                    # An architecture that steers L0 itself within the step (JumpReLU's threshold tracking) reports
+                    # the L0 it found before doing so: λ then absorbs what the tracking keeps correcting.
+                    l0 = out.terms.get("controlled_l0")
+                    control.update(active.sum(-1).float().mean() if l0 is None else l0, progress)
                 # The last step reports too, so the last logged numbers (dead fraction above all) are the final ones.
                 if self.step_count % self.cfg.log_every == 0 or self.step_count == self.total_steps - 1:
                     stats.append(self._metrics(x, out, i))
