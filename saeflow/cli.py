@@ -32,10 +32,14 @@ def _fail(msg: str, exc: BaseException | None = None, code: int = 2) -> NoReturn
 @app.callback()
 def _options(
     debug: bool = typer.Option(False, "--debug", help="Show full tracebacks (they always go to the log file)."),
+    verbose: bool = typer.Option(
+        False, "--verbose", "-v", help="Show the INFO logs of Dask, MLflow and the servers too (the log file has them)."
+    ),
 ) -> None:
     from saeflow import console
 
     console.DEBUG = console.DEBUG or debug
+    console.VERBOSE = console.VERBOSE or verbose
 
 
 class Terminated(KeyboardInterrupt):

@@ -16,6 +16,11 @@ import traceback
 LOG_FORMAT = "%(asctime)s | %(levelname)-7s | %(name)s - %(message)s"
 DEBUG = os.environ.get("SAEFLOW_DEBUG", "") not in ("", "0", "false")
 """Show tracebacks on the console (set by `saeflow --debug`)."""
+VERBOSE = os.environ.get("SAEFLOW_VERBOSE", "") not in ("", "0", "false")
+"""Show the INFO chatter of the libraries underneath on the console too (set by `saeflow -v`)."""
+CHATTY_LOGGERS = ("distributed", "mlflow", "alembic", "httpx", "uvicorn")
+"""Loggers whose INFO records are for whoever debugs that library: the log file keeps them, the console shows
+their warnings and errors only (Dask alone logged 33–35 INFO lines per run: workers starting, closing, ...)."""
 
 
 _failures = logging.getLogger("saeflow.failure")
@@ -37,6 +42,15 @@ class _WithoutTraceback(logging.Formatter):
             record = copy.copy(record)
             record.exc_info, record.exc_text, record.stack_info = None, None, None
         return self.inner.format(record)
+
+
+class _QuietLibraries(logging.Filter):
+    """Drops the INFO (and DEBUG) records of CHATTY_LOGGERS from a console handler."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.WARNING:
+            return True
+        return not any(record.name == n or record.name.startswith(n + ".") for n in CHATTY_LOGGERS)
 
 
 class _LogFile(logging.FileHandler):
@@ -64,12 +78,16 @@ def start_logging(command: str, root: str | None) -> str:
 
     root_logger = logging.getLogger()
     own = [logging.getLogger(name) for name in ("mlflow", "uvicorn")]  # loggers that do not propagate to root
-    if not DEBUG:
-        for logger in (root_logger, *own):
-            for handler in logger.handlers:
-                console = isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler)
-                if console and not isinstance(handler.formatter, _WithoutTraceback):
-                    handler.setFormatter(_WithoutTraceback(handler.formatter or logging.Formatter()))
+    for logger in (root_logger, *own):
+        for handler in logger.handlers:
+            if not isinstance(handler, logging.StreamHandler) or isinstance(handler, logging.FileHandler):
+                continue
+            if not DEBUG and not isinstance(handler.formatter, _WithoutTraceback):
+                handler.setFormatter(_WithoutTraceback(handler.formatter or logging.Formatter()))
+            if not VERBOSE and not any(isinstance(f, _QuietLibraries) for f in handler.filters):
+                handler.addFilter(_QuietLibraries())
+    # MLflow draws a "Downloading artifacts" bar for every artifact it reads back (evaluate, pull, export).
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false" if not VERBOSE else "true")
     path = layout.new_log_path(command, root)
     file_handler = _LogFile(path, encoding="utf-8")
     file_handler.setLevel(logging.INFO)

@@ -25,6 +25,11 @@ OUTPUTS = ("codes", "reconstruction")
 
 
 class SAEPyfunc(PythonModel):
+    # MLflow inspects predict's type hints when this class is defined, and without them prints advice to add some
+    # for signature inference (two lines per SAE logged or loaded). The model is logged with an explicit
+    # signature (storage/tracking.py), which MLflow enforces either way.
+    _skip_type_hint_validation = True
+
     def load_context(self, context) -> None:
         from saeflow.sae import build_sae, config_from_dict
 

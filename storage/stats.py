@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import os
 from collections.abc import Iterator
 from typing import Any, NamedTuple
 
@@ -80,6 +81,7 @@ def dask_client(address: str | None = None, n_workers: int = 2) -> Iterator[Any]
             yield client
         return
     with (
+        _worker_logs_quiet(),
         LocalCluster(
             n_workers=n_workers,
             threads_per_worker=1,
@@ -90,6 +92,24 @@ def dask_client(address: str | None = None, n_workers: int = 2) -> Iterator[Any]
         Client(cluster) as client,
     ):
         yield client
+
+
+@contextlib.contextmanager
+def _worker_logs_quiet() -> Iterator[None]:
+    """Worker processes started meanwhile log only CRITICAL records. They write to this process's stderr, and when
+    the cluster closes, a heartbeat that races the scheduler's shutdown logs a CommClosedError traceback under a run
+    that succeeded; a task's real failure reaches the client as its exception. Dask reads `DASK_*` variables when a
+    worker process imports it, so the variable is set while the cluster lives (a restarted worker reads it too)."""
+    key = "DASK_LOGGING__DISTRIBUTED"
+    before = os.environ.get(key)
+    os.environ[key] = "critical"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = before
 
 
 def _chunk_hash(block: np.ndarray) -> np.ndarray:

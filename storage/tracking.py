@@ -12,6 +12,7 @@ import json
 import os
 import re
 import tempfile
+import warnings
 from typing import Any, cast
 
 from mlflow import MlflowClient
@@ -226,7 +227,10 @@ class Tracker:
         logged = self.client.create_logged_model(
             self.run_experiment(), name="sae_model", source_run_id=run_id, model_type="sparse-autoencoder", tags=tags
         )
-        with process_uris(self.tracking_uri), sae_library_code() as code:
+        with process_uris(self.tracking_uri), sae_library_code() as code, warnings.catch_warnings():
+            # The signature above is explicit, so MLflow's advice to give an input example to infer one from does
+            # not apply (printed, two lines of noise per registered SAE).
+            warnings.filterwarnings("ignore", ".*input example was not provided", UserWarning)
             info = Model.log(
                 artifact_path=None,
                 name="sae_model",
