@@ -153,6 +153,16 @@ def test_jumprelu_threshold_tracking_shifts_every_threshold_by_one_common_step_t
     assert 12.0 < l0_after[0.3] < l0_before
 
 
+def test_jumprelu_tracking_rate_scales_with_the_run_and_a_set_rate_or_no_target_wins():
+    sae = _jumprelu(target_l0=12.0)
+    assert [sae.tracking_rate(n) for n in (None, 390, 400, 1500, 6000)] == [0.05, 0.05, 0.05, 20 / 1500, 20 / 6000]
+    assert _jumprelu(target_l0=12.0, threshold_tracking=0.2).tracking_rate(6000) == 0.2
+    plain = _jumprelu()  # no target: λ alone, no tracking, no controlled_l0 term
+    before = plain.log_threshold.detach().clone()
+    out = plain.loss(_x(200), TrainState(progress=0.5, dead_mask=None, total_steps=390))
+    assert torch.equal(plain.log_threshold.detach(), before) and "controlled_l0" not in out.terms
+
+
 def test_jumprelu_encode_zeroes_everything_at_or_below_threshold():
     sae = _jumprelu()
     x = _x(256)

@@ -96,6 +96,8 @@ class TrainState(NamedTuple):
     """Bool [d_sae], True where the latent has not fired within the dead window (MATH §3.3)."""
     coefficient: Tensor | None = None
     """The sparsity coefficient the L0 controller set for this step (MATH §3.5); None = the configured one."""
+    total_steps: int | None = None
+    """Optimizer steps of the whole run, for defaults that scale with its length; None = unknown."""
 
 
 class SAE(nn.Module):

@@ -196,7 +196,7 @@ class SAETrainer:
             control = self.controllers[i]
             coefficient = control.coefficient() if control else None
             with torch.autocast(self.device.type, dtype=amp, enabled=amp is not None):
-                out = sae.loss(x, TrainState(progress, dead, coefficient))
+                out = sae.loss(x, TrainState(progress, dead, coefficient, self.total_steps))
             opt = self.optimizers[i]
             opt.zero_grad(set_to_none=True)
             out.loss.backward()
