@@ -42,6 +42,7 @@ __all__ = [
     "USER_ERRORS",
     "check_sae_reference",
     "environment_failure",
+    "export",
     "higher_is_better",
     "list_models",
     "load_config",
@@ -59,6 +60,34 @@ def pull(ref: str, dst: str, tracking_uri: str | None = None) -> str:
     from saeflow.storage.tracking import pull as pull_model
 
     return pull_model(ref, dst, _uri(tracking_uri))
+
+
+def export(source: str, dst: str, fmt: str = "saelens", tracking_uri: str | None = None) -> str:
+    """Write SAE `source` (a registered NAME[@ALIAS|/VERSION], or a directory `pull` or training wrote) in format
+    `fmt` into the new or empty directory `dst`; returns `dst`. Only `saelens` (SAELens' inference format, the
+    input scale folded into the weights, the site's TransformerLens hook name) exists."""
+    import os
+    import tempfile
+
+    from saeflow.storage.checkpoints import load_sae, read_sae_config
+    from saeflow.storage.saelens import export_saelens, hook_name_for_site
+
+    if fmt != "saelens":
+        raise ValueError(f"unknown export format {fmt!r}: use --format saelens")
+    if os.path.exists(dst) and (not os.path.isdir(dst) or os.listdir(dst)):
+        raise ValueError(f"{dst} exists and is not an empty directory: export into a new one")
+    with tempfile.TemporaryDirectory() as tmp:
+        directory = source if os.path.isdir(source) else pull(source, os.path.join(tmp, "sae"), tracking_uri)
+        meta = read_sae_config(directory).get("metadata") or {}
+        if "site" not in meta:
+            raise ValueError(f"{source} records no site, so its SAELens hook name is unknown: use export_saelens()")
+        model = meta.get("model")
+        return export_saelens(
+            load_sae(directory),
+            dst,
+            hook_name_for_site(meta["site"]),
+            model_name=model.get("name") if isinstance(model, dict) else model,
+        )
 
 
 def list_models(pattern: str = "*", tracking_uri: str | None = None) -> list[VersionRow]:

@@ -29,8 +29,17 @@ def _fail(msg: str, exc: BaseException | None = None, code: int = 2) -> NoReturn
     raise typer.Exit(code)
 
 
+def _version(show: bool) -> None:
+    if show:
+        from importlib.metadata import version
+
+        typer.echo(f"saeflow {version('saeflow')}")
+        raise typer.Exit()
+
+
 @app.callback()
 def _options(
+    _: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
     debug: bool = typer.Option(False, "--debug", help="Show full tracebacks (they always go to the log file)."),
     verbose: bool = typer.Option(
         False, "--verbose", "-v", help="Show the INFO logs of Dask, MLflow and the servers too (the log file has them)."
@@ -200,6 +209,23 @@ def pull(
     try:
         path = pull_model(ref, dst, tracking_uri)
     except ValueError as e:
+        _fail(str(e))
+    typer.echo(path)
+
+
+@app.command()
+def export(
+    source: str = typer.Argument(..., help="Registered model NAME, NAME@ALIAS or NAME/VERSION, or an SAE directory."),
+    dst: str = typer.Argument(..., help="New (or empty) directory to write into."),
+    fmt: str = typer.Option("saelens", "--format", help="Output format: saelens (SAELens' inference SAE format)."),
+    tracking_uri: str = typer.Option(None, help="MLflow URI; default $MLFLOW_TRACKING_URI or ./saeflow-data."),
+) -> None:
+    """Write an SAE in another library's format; `SAE.load_from_disk(DST)` loads it in SAELens."""
+    from saeflow.api import export as export_sae
+
+    try:
+        path = export_sae(source, dst, fmt, tracking_uri)
+    except (ValueError, FileNotFoundError) as e:
         _fail(str(e))
     typer.echo(path)
 

@@ -11,6 +11,7 @@ import functools
 import json
 import os
 import re
+import shutil
 import tempfile
 import warnings
 from typing import Any, cast
@@ -358,19 +359,37 @@ def model_uri(ref: str) -> str:
 
 
 def pull(ref: str, dst: str, tracking_uri: str) -> str:
-    """Download registered SAE `ref` into `dst`; returns the checkpoint directory (safetensors + cfg.json)."""
+    """Download registered SAE `ref` into `dst`; returns the checkpoint directory (safetensors + cfg.json).
+
+    A failed pull creates nothing: no MLflow store where there was none (a missing local one is a RegistryError),
+    and no `dst` (the download goes to a directory beside it, renamed into place when complete)."""
     import mlflow
 
     from saeflow.storage.checkpoints import checkpoint_dir, give_normal_modes
+    from saeflow.storage.registry import open_registry
 
-    os.makedirs(dst, exist_ok=True)
+    uri = model_uri(ref)
+    with open_registry(tracking_uri):  # a missing local store fails here, before MLflow would create one
+        pass
+    target = os.path.abspath(dst)
+    fresh = not os.path.exists(target)
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    into = tempfile.mkdtemp(prefix=".pull-", dir=os.path.dirname(target)) if fresh else target
     try:
         with process_uris(tracking_uri):
-            path = mlflow.artifacts.download_artifacts(artifact_uri=model_uri(ref), dst_path=dst)
-        give_normal_modes(path)
-        return checkpoint_dir(path)
+            path = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=into)
     except MlflowException as e:
+        if fresh:
+            shutil.rmtree(into, ignore_errors=True)
         raise ValueError(f"cannot pull {ref!r} from {tracking_uri}: {e.message.splitlines()[0]}") from e
+    if fresh:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(into, 0o777 & ~umask)  # mkdtemp's 0700 is not what a directory made by `pull` should have
+        os.rename(into, target)
+        path = os.path.normpath(os.path.join(target, os.path.relpath(path, into)))
+    give_normal_modes(path)
+    return checkpoint_dir(path)
 
 
 def open_sae_runs(

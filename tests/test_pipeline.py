@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -133,7 +134,6 @@ def test_pulled_registered_sae_reproduces_its_logged_metrics(pipeline_runs, tmp_
     tokens = open_token_store(token_store_url(cfg)[0])
     batches = [ids for _, ids in iter_window_batches(tokens, "eval", cfg.eval.batch_size)]
     stats = client.download_artifacts(first["run_id"], f"stats/{site}.json")
-    import json
 
     st = json.load(open(stats))
     m = evaluate_site(
@@ -148,6 +148,51 @@ def test_pulled_registered_sae_reproduces_its_logged_metrics(pipeline_runs, tmp_
     )["pulled"]
     for key in ("fvu", "l0", "ce_loss_recovered", "kl_div"):
         assert m[key] == pytest.approx(logged[f"eval/{key}"], rel=1e-5, abs=1e-7), key
+
+
+def test_a_pull_that_fails_creates_nothing(pipeline_runs, tmp_path):
+    cfg, _, _, _ = pipeline_runs
+    dst = tmp_path / "pulled"
+    result = CliRunner().invoke(
+        app, ["pull", "saeflow.no-such-model@current", str(dst), "--tracking-uri", cfg.tracking_uri]
+    )
+    assert result.exit_code == 2
+    (line,) = [ln for ln in result.output.splitlines() if ln.startswith("error:")]
+    assert line.startswith(f"error: cannot pull 'saeflow.no-such-model@current' from {cfg.tracking_uri}: ")
+    assert os.listdir(tmp_path) == []  # no destination, no half-downloaded directory beside it
+
+
+def test_export_writes_a_saelens_sae_that_computes_the_registered_codes(pipeline_runs, tmp_path):
+    from tests.test_saelens_interop import saelens_forward
+
+    cfg, _, _, _ = pipeline_runs
+    name = f"saeflow.{os.path.basename(cfg.model.name)}.resid_post.1.relu"
+    out = tmp_path / "for-saelens"
+    result = CliRunner().invoke(
+        app, ["export", f"{name}@current", str(out), "--format", "saelens", "--tracking-uri", cfg.tracking_uri]
+    )
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip().splitlines()[-1] == str(out)
+    meta = json.load(open(out / "cfg.json"))
+    assert meta["architecture"] == "standard" and meta["metadata"]["hook_name"] == "blocks.1.hook_resid_post"
+    assert meta["metadata"]["model_name"] == cfg.model.name
+    sae = saeflow.load_sae(f"{name}@current", tracking_uri=cfg.tracking_uri)
+    x = torch.randn(64, sae.d_in, generator=torch.Generator().manual_seed(0)) / sae.input_scale
+    code, recon = saelens_forward(str(out), x)
+    with torch.no_grad():
+        torch.testing.assert_close(code, sae.encode_raw(x).double(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(recon, sae.decode_raw(sae.encode_raw(x)).double(), rtol=1e-5, atol=1e-6)
+    again = CliRunner().invoke(app, ["export", f"{name}@current", str(out), "--tracking-uri", cfg.tracking_uri])
+    assert again.exit_code == 2 and "is not an empty directory: export into a new one" in again.output
+    bad = CliRunner().invoke(app, ["export", str(out), str(tmp_path / "x"), "--format", "onnx"])
+    assert bad.exit_code == 2 and "error: unknown export format 'onnx': use --format saelens" in bad.output
+
+
+def test_version_prints_the_installed_version():
+    from importlib.metadata import version
+
+    result = CliRunner().invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.stdout.strip() == f"saeflow {version('saeflow')}"
 
 
 def test_every_architecture_trains_through_the_pipeline_config(prefect_server, tiny_gpt2_dir, tmp_path):
