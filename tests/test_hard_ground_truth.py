@@ -22,7 +22,8 @@ from saeflow.sae.evaluation.synthetic import (
 
 STEPS, BATCH = 1500, 256
 # Recovery at cos > 0.9 measured with the shipped defaults (2026-12-07, after TopK's k annealing and Matryoshka's
-# [1/2, 1] prefixes): relu 86.3%, gated 93.4%, jumprelu 93.0%, topk 93.0%, batchtopk 91.0%, matryoshka 90.6%,
+# [1/2, 1] prefixes; jumprelu on 2026-12-08 with its threshold tracking, alone on the stream): relu 86.3%, gated
+# 93.4%, jumprelu 92.6%, topk 93.0%, batchtopk 91.0%, matryoshka 90.6%,
 # top-AFA 91.0%. With the old default lr of 5e-4 every one of them fell to 10–31%. The floors leave 4–5 points for
 # float differences between machines.
 FLOORS = {
