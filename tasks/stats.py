@@ -37,7 +37,7 @@ def compute_stats(cfg: PipelineConfig, acts: ActivationStoreRef, parent_run_id: 
     tr = tracker(cfg)
     for site, s in stats.items():
         keys = ("scale", "mean_norm", "median_norm", "mean_var", "n_outliers", "outlier_energy_fraction", "n_rows_used")
-        tr.log_metrics(parent_run_id, {k: getattr(s, k) for k in keys}, prefix=f"stats.{site}.")
+        tr.log_metrics(parent_run_id, {k: getattr(s, k) for k in keys}, prefix=f"stats/{site}/")
         tr.log_dict(parent_run_id, s.model_dump(mode="json"), f"stats/{site}.json")
         tr.log_dict(parent_run_id, acts.manifest(site), f"manifests/activations/{site}.json")
         log.info(

@@ -99,6 +99,24 @@ def results_markdown(cfg: PipelineConfig, run_url: str, results: dict[str, Any],
     return "\n".join(lines) + "\n"
 
 
+HEADLINE_METRICS = ("fvu", "l0", "ce_loss_recovered", "kl_div", "dead_fraction")
+"""Held-out metrics copied onto the parent run, so pipeline runs sort and compare in MLflow's run list."""
+
+
+def summary_metrics(results: dict[str, Any]) -> dict[str, float]:
+    """`summary/<site>/<SAE>/<metric>` for every SAE, and `summary/best_<metric>` over them (the lowest FVU, KL
+    and dead fraction, the highest CE recovered): one column per headline that every run of any config has."""
+    out: dict[str, float] = {}
+    for site, per_sae in results.items():
+        for label, m in per_sae.items():
+            out.update({f"summary/{site}/{label}/{k}": float(m[k]) for k in HEADLINE_METRICS if k in m})
+    for k in ("fvu", "ce_loss_recovered", "kl_div", "dead_fraction"):
+        values = [float(m[k]) for per_sae in results.values() for m in per_sae.values() if k in m]
+        if values:
+            out[f"summary/best_{k}"] = max(values) if k == "ce_loss_recovered" else min(values)
+    return out
+
+
 @task(name="publish-results", cache_policy=NO_CACHE, **TRACKING_RETRIES)
 def publish_results(cfg: PipelineConfig, run_id: str, results: dict[str, Any], promotions: dict[str, Any]) -> str:
     """Prefect artifacts of the flow run: the results table (markdown) and a link to the MLflow parent run; the
@@ -116,6 +134,7 @@ def publish_results(cfg: PipelineConfig, run_id: str, results: dict[str, Any], p
     )
     create_markdown_artifact(markdown, key="sae-results", description="Held-out metrics and promotion decisions")
     tr.log_text(run_id, markdown, "eval/results.md")
+    tr.log_metrics(run_id, summary_metrics(results))
     if promotions:
         tr.log_dict(run_id, promotions, "eval/promotions.json")
     run_logger().info("results:\n" + markdown)

@@ -46,12 +46,26 @@ def test_pipeline_logs_parent_and_nested_runs(pipeline_runs):
     parent = client.get_run(first["run_id"])
     assert parent.info.status == "FINISHED"
     for site in cfg.extract.sites:
-        assert parent.data.metrics[f"stats.{site}.scale"] > 0
+        assert parent.data.metrics[f"stats/{site}/scale"] > 0
+    children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{first['run_id']}'")
+    # The headline metrics are on the parent too (what the run list sorts by): per SAE and the best over them.
+    summary = {k: v for k, v in parent.data.metrics.items() if k.startswith("summary/")}
+    per_sae = {
+        f"summary/{c.info.run_name}/{k}": c.data.metrics[f"eval/{k}"]  # run name: site/label
+        for c in children
+        for k in ("fvu", "l0", "ce_loss_recovered", "kl_div", "dead_fraction")
+    }
+    assert summary == {
+        **per_sae,
+        "summary/best_fvu": min(c.data.metrics["eval/fvu"] for c in children),
+        "summary/best_ce_loss_recovered": max(c.data.metrics["eval/ce_loss_recovered"] for c in children),
+        "summary/best_kl_div": min(c.data.metrics["eval/kl_div"] for c in children),
+        "summary/best_dead_fraction": min(c.data.metrics["eval/dead_fraction"] for c in children),
+    }
     arts = {a.path for a in client.list_artifacts(first["run_id"])}
     assert {"config", "stats", "manifests", "eval"} <= arts
     tok_manifest = client.download_artifacts(first["run_id"], "manifests/tokens.json")
     assert '"content_hash"' in open(tok_manifest).read()
-    children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{first['run_id']}'")
     assert len(children) == len(cfg.extract.sites) * len(cfg.saes)
     for child in children:
         m = child.data.metrics
