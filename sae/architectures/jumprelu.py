@@ -169,7 +169,9 @@ class JumpReLUSAE(SAE):
         before the shift: what the L0 controller steers λ by (MATH §2.3)."""
         rows = pre[:1024].float()  # a global shift is well estimated from a thousand rows
         gap = (rows.clamp_min(1e-6).log() - self.log_threshold.float()).flatten()
-        k = min(gap.numel() - 1, max(1, round(self.cfg.target_l0 * rows.shape[0])))
+        target = self.cfg.target_l0
+        assert target is not None, "tracking needs target_l0"  # loss() calls this only with a target
+        k = min(gap.numel() - 1, max(1, round(target * rows.shape[0])))
         shift = gap.kthvalue(gap.numel() - k).values.clamp(-1.0, 1.0)
         self.log_threshold.add_((rate * shift).to(self.log_threshold.dtype))
         return (gap > 0).sum() / rows.shape[0]
