@@ -48,6 +48,7 @@ __all__ = [
     "load_config",
     "promote",
     "pull",
+    "results_table",
 ]
 
 
@@ -88,6 +89,41 @@ def export(source: str, dst: str, fmt: str = "saelens", tracking_uri: str | None
             hook_name_for_site(meta["site"]),
             model_name=model.get("name") if isinstance(model, dict) else model,
         )
+
+
+def results_table(run_id: str = "latest", tracking_uri: str | None = None) -> str:
+    """The results table (markdown) a pipeline or sweep run printed at its end, from its MLflow parent run;
+    `latest` is the newest run that has one."""
+    import tempfile
+
+    from mlflow.exceptions import MlflowException
+
+    from saeflow.storage.registry import open_registry
+
+    with open_registry(_uri(tracking_uri)) as tr, tempfile.TemporaryDirectory() as tmp:
+        if run_id == "latest":
+            experiments = [e.experiment_id for e in tr.client.search_experiments()]
+            newest = tr.client.search_runs(
+                experiments, "tags.saeflow.results = 'true'", order_by=["attributes.start_time DESC"], max_results=1
+            )
+            if not newest:
+                raise ValueError(f"no run at {tr.tracking_uri} has a results table yet: `saeflow run` makes one")
+            run_id = newest[0].info.run_id
+        try:
+            run = tr.client.get_run(run_id)
+        except MlflowException:
+            raise ValueError(
+                f"no MLflow run {run_id!r} at {tr.tracking_uri}: `saeflow run` prints its run id"
+            ) from None
+        try:
+            path = tr.download(run_id, "eval/results.md", tmp)
+        except (MlflowException, OSError):
+            raise ValueError(
+                f"run {run_id} ({run.info.run_name}, {run.info.status}) has no results table: it is not a pipeline "
+                "or sweep parent run, or it did not finish (its SAE runs are nested under it)"
+            ) from None
+        with open(path, encoding="utf-8") as f:
+            return f.read()
 
 
 def list_models(pattern: str = "*", tracking_uri: str | None = None) -> list[VersionRow]:

@@ -214,6 +214,20 @@ def pull(
 
 
 @app.command()
+def show(
+    run_id: str = typer.Argument("latest", help="MLflow parent run id (`saeflow run` prints it); default the newest."),
+    tracking_uri: str = typer.Option(None, help="MLflow URI; default $MLFLOW_TRACKING_URI or ./saeflow-data."),
+) -> None:
+    """Print the results table of a pipeline or sweep run: held-out metrics and promotion per SAE."""
+    from saeflow.api import results_table
+
+    try:
+        typer.echo(results_table(run_id, tracking_uri), nl=False)
+    except ValueError as e:
+        _fail(str(e))
+
+
+@app.command()
 def export(
     source: str = typer.Argument(..., help="Registered model NAME, NAME@ALIAS or NAME/VERSION, or an SAE directory."),
     dst: str = typer.Argument(..., help="New (or empty) directory to write into."),

@@ -134,6 +134,7 @@ def publish_results(cfg: PipelineConfig, run_id: str, results: dict[str, Any], p
     )
     create_markdown_artifact(markdown, key="sae-results", description="Held-out metrics and promotion decisions")
     tr.log_text(run_id, markdown, "eval/results.md")
+    tr.set_tags(run_id, {"saeflow.results": "true"})  # what `saeflow show latest` looks for
     tr.log_metrics(run_id, summary_metrics(results))
     if promotions:
         tr.log_dict(run_id, promotions, "eval/promotions.json")

@@ -202,6 +202,27 @@ def test_export_writes_a_saelens_sae_that_computes_the_registered_codes(pipeline
     assert bad.exit_code == 2 and "error: unknown export format 'onnx': use --format saelens" in bad.output
 
 
+def test_show_prints_a_runs_results_table_and_names_what_is_wrong_otherwise(pipeline_runs):
+    cfg, first, _, _ = pipeline_runs
+    client = MlflowClient(cfg.tracking_uri)
+    logged = open(client.download_artifacts(first["run_id"], "eval/results.md"), encoding="utf-8").read()
+    result = CliRunner().invoke(app, ["show", first["run_id"], "--tracking-uri", cfg.tracking_uri])
+    assert result.exit_code == 0, result.output
+    assert result.stdout == logged and "| resid_post.1 | topk-x4-k8 |" in logged
+    latest = CliRunner().invoke(app, ["show", "--tracking-uri", cfg.tracking_uri])  # the second run of the fixture
+    assert latest.exit_code == 0 and latest.stdout.startswith("## test: ") and "| resid_post.1 |" in latest.stdout
+    missing = CliRunner().invoke(app, ["show", "0" * 32, "--tracking-uri", cfg.tracking_uri])
+    assert missing.exit_code == 2
+    assert f"error: no MLflow run '{'0' * 32}' at {cfg.tracking_uri}" in missing.output
+    child = client.search_runs(
+        [client.get_run(first["run_id"]).info.experiment_id],
+        max_results=1,
+        filter_string=f"tags.mlflow.parentRunId = '{first['run_id']}'",
+    )[0]
+    nested = CliRunner().invoke(app, ["show", child.info.run_id, "--tracking-uri", cfg.tracking_uri])
+    assert nested.exit_code == 2 and "has no results table: it is not a pipeline or sweep parent run" in nested.output
+
+
 def test_version_prints_the_installed_version():
     from importlib.metadata import version
 
