@@ -108,6 +108,8 @@ def write_token_store(
         arr[written : written + len(block)] = block
         digest.update(block.tobytes())
         written += len(block)
+        if on_windows:
+            on_windows(written, total)
     if written < total:
         raise ValueError(
             f"the dataset ran out after {written} windows of {context_size} tokens, {total} needed: lower "

@@ -48,7 +48,7 @@ def run_evaluation(
         outlier_norm=outlier_norm,
         afa=ecfg.afa,
         afa_points=ecfg.zf_points,
-        progress=False,
+        progress=True,  # one bar per site: evaluation is the stage a user waits on longest after training
     )
 
 

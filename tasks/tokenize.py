@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
+from tqdm.auto import tqdm
 
 from saeflow.config import PipelineConfig
 from saeflow.sae.lm.tokenize import pack_windows
@@ -25,9 +26,15 @@ def tokenize_dataset(cfg: PipelineConfig) -> TokenStoreRef:
     texts = load_texts(d.source, d.text_field, d.split, d.subset, d.revision)
     windows = pack_windows(texts, tok, t.context_size, t.prepend_bos, max_windows=n_train + n_eval)
 
-    def progress(done: int, total: int) -> None:
-        log.info(f"tokenize: {done * t.context_size:,}/{total * t.context_size:,} tokens")
+    bar = tqdm(total=(n_train + n_eval) * t.context_size, unit="tok", unit_scale=True, desc="tokenize")
 
-    ref = write_token_store(url, windows, n_train, n_eval, t.context_size, {"config": identity}, on_windows=progress)
+    def progress(done: int, total: int) -> None:
+        bar.total = total * t.context_size
+        bar.update(done * t.context_size - bar.n)
+
+    with bar:
+        ref = write_token_store(
+            url, windows, n_train, n_eval, t.context_size, {"config": identity}, on_windows=progress
+        )
     log.info(f"tokenize: wrote {url} ({n_train} train + {n_eval} eval windows of {t.context_size})")
     return ref

@@ -42,6 +42,15 @@ def test_a_successful_run_prints_no_traceback_and_no_library_chatter(quiet_run):
     # Dask's scheduler, nanny and workers used to print 33–35 INFO lines per run (workers starting, closing, ...).
     assert not re.search(r"\| INFO +\| (distributed|mlflow|alembic|httpx)\.", out), out[-3000:]
     assert len(lines_a_person_sees(out)) <= MAX_LINES, "\n".join(lines_a_person_sees(out))
+    # The stages a user waits on show a bar that reaches its end (tqdm: "100%|"), then a line saying what they did.
+    for bar, summary in (
+        ("tokenize: 100%|", "tokenize: wrote "),
+        ("extract: 100%|", "extract: wrote "),
+        ("train: ", "registered "),
+        ("evaluate resid_post.1: 100%|", "evaluate resid_post.1/topk-x4-k8: fvu "),
+    ):
+        assert bar in out and summary in out, (bar, summary)
+        assert out.index(bar) < out.rindex(summary), (bar, summary)
 
 
 def test_the_log_file_keeps_what_the_console_leaves_out(quiet_run):

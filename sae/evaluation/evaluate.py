@@ -208,7 +208,7 @@ def evaluate_saes(
     afas = {k: AFAAccumulator(s, afa_points) for k, s in saes.items()} if afa else {}
     down = _DownstreamSums(saes, has_lm_head)
     excluded = 0
-    for ids in tqdm(batches, desc=f"eval {site}", disable=not progress):
+    for ids in tqdm(batches, desc=f"evaluate {site}", unit="batch", disable=not progress):
         ids = ids.to(device)
         if downstream:
             with capture_sites(model, [site], stop_early=False) as cap:
