@@ -30,5 +30,5 @@ def evaluate_sae(config: PipelineConfig, sae: str, site: str | None = None) -> d
             if named := locate_corruption(e, {"token store": tokens}):
                 raise named from e
             raise
-        publish_results(config, out["run_id"], {out["site"]: {out["label"]: out["metrics"]}}, {})
+        publish_results(config, out["run_id"], {out["site"]: {out["label"]: out["metrics"]}}, {}, summarize=False)
         return out

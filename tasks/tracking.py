@@ -118,9 +118,12 @@ def summary_metrics(results: dict[str, Any]) -> dict[str, float]:
 
 
 @task(name="publish-results", cache_policy=NO_CACHE, **TRACKING_RETRIES)
-def publish_results(cfg: PipelineConfig, run_id: str, results: dict[str, Any], promotions: dict[str, Any]) -> str:
+def publish_results(
+    cfg: PipelineConfig, run_id: str, results: dict[str, Any], promotions: dict[str, Any], summarize: bool = True
+) -> str:
     """Prefect artifacts of the flow run: the results table (markdown) and a link to the MLflow parent run; the
-    table is logged to the MLflow run too. Returns the MLflow run's URL."""
+    table is logged to the MLflow run too, and with `summarize` the headline metrics of every SAE (a parent run's;
+    `saeflow evaluate`'s one run has them as eval/*). Returns the MLflow run's URL."""
     from prefect.artifacts import create_link_artifact, create_markdown_artifact
 
     tr = tracker(cfg)
@@ -135,7 +138,8 @@ def publish_results(cfg: PipelineConfig, run_id: str, results: dict[str, Any], p
     create_markdown_artifact(markdown, key="sae-results", description="Held-out metrics and promotion decisions")
     tr.log_text(run_id, markdown, "eval/results.md")
     tr.set_tags(run_id, {"saeflow.results": "true"})  # what `saeflow show latest` looks for
-    tr.log_metrics(run_id, summary_metrics(results))
+    if summarize:
+        tr.log_metrics(run_id, summary_metrics(results))
     if promotions:
         tr.log_dict(run_id, promotions, "eval/promotions.json")
     run_logger().info("results:\n" + markdown)
