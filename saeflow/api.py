@@ -67,63 +67,20 @@ def export(source: str, dst: str, fmt: str = "saelens", tracking_uri: str | None
     """Write SAE `source` (a registered NAME[@ALIAS|/VERSION], or a directory `pull` or training wrote) in format
     `fmt` into the new or empty directory `dst`; returns `dst`. Only `saelens` (SAELens' inference format, the
     input scale folded into the weights, the site's TransformerLens hook name) exists."""
-    import os
-    import tempfile
-
-    from saeflow.storage.checkpoints import load_sae, read_sae_config
-    from saeflow.storage.saelens import export_saelens, hook_name_for_site
+    from saeflow.storage.saelens import export_saelens_from
 
     if fmt != "saelens":
         raise ValueError(f"unknown export format {fmt!r}: use --format saelens")
-    if os.path.exists(dst) and (not os.path.isdir(dst) or os.listdir(dst)):
-        raise ValueError(f"{dst} exists and is not an empty directory: export into a new one")
-    with tempfile.TemporaryDirectory() as tmp:
-        directory = source if os.path.isdir(source) else pull(source, os.path.join(tmp, "sae"), tracking_uri)
-        meta = read_sae_config(directory).get("metadata") or {}
-        if "site" not in meta:
-            raise ValueError(f"{source} records no site, so its SAELens hook name is unknown: use export_saelens()")
-        model = meta.get("model")
-        return export_saelens(
-            load_sae(directory),
-            dst,
-            hook_name_for_site(meta["site"]),
-            model_name=model.get("name") if isinstance(model, dict) else model,
-        )
+    return export_saelens_from(source, dst, _uri(tracking_uri))
 
 
 def results_table(run_id: str = "latest", tracking_uri: str | None = None) -> str:
     """The results table (markdown) a pipeline or sweep run printed at its end, from its MLflow parent run;
     `latest` is the newest run that has one."""
-    import tempfile
+    from saeflow.storage.registry import open_registry, read_results_table
 
-    from mlflow.exceptions import MlflowException
-
-    from saeflow.storage.registry import open_registry
-
-    with open_registry(_uri(tracking_uri)) as tr, tempfile.TemporaryDirectory() as tmp:
-        if run_id == "latest":
-            experiments = [e.experiment_id for e in tr.client.search_experiments()]
-            newest = tr.client.search_runs(
-                experiments, "tags.saeflow.results = 'true'", order_by=["attributes.start_time DESC"], max_results=1
-            )
-            if not newest:
-                raise ValueError(f"no run at {tr.tracking_uri} has a results table yet: `saeflow run` makes one")
-            run_id = newest[0].info.run_id
-        try:
-            run = tr.client.get_run(run_id)
-        except MlflowException:
-            raise ValueError(
-                f"no MLflow run {run_id!r} at {tr.tracking_uri}: `saeflow run` prints its run id"
-            ) from None
-        try:
-            path = tr.download(run_id, "eval/results.md", tmp)
-        except (MlflowException, OSError):
-            raise ValueError(
-                f"run {run_id} ({run.info.run_name}, {run.info.status}) has no results table: it is not a pipeline "
-                "or sweep parent run, or it did not finish (its SAE runs are nested under it)"
-            ) from None
-        with open(path, encoding="utf-8") as f:
-            return f.read()
+    with open_registry(_uri(tracking_uri)) as tr:
+        return read_results_table(tr, run_id)
 
 
 def list_models(pattern: str = "*", tracking_uri: str | None = None) -> list[VersionRow]:

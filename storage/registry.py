@@ -159,3 +159,32 @@ def list_versions(tr: Tracker, pattern: str = "*") -> list[VersionRow]:
                 )
             )
     return sorted(rows, key=lambda r: (r.name, -int(r.version)))
+
+
+def read_results_table(tr: Tracker, run_id: str = "latest") -> str:
+    """The results table (markdown, `eval/results.md`) a pipeline or sweep run logged on its parent run; `latest`
+    is the newest run tagged as having one."""
+    import tempfile
+
+    if run_id == "latest":
+        experiments = [e.experiment_id for e in tr.client.search_experiments()]
+        newest = tr.client.search_runs(
+            experiments, "tags.saeflow.results = 'true'", order_by=["attributes.start_time DESC"], max_results=1
+        )
+        if not newest:
+            raise RegistryError(f"no run at {tr.tracking_uri} has a results table yet: `saeflow run` makes one")
+        run_id = newest[0].info.run_id
+    try:
+        run = tr.client.get_run(run_id)
+    except MlflowException:
+        raise RegistryError(f"no MLflow run {run_id!r} at {tr.tracking_uri}: `saeflow run` prints its run id") from None
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            path = tr.download(run_id, "eval/results.md", tmp)
+        except (MlflowException, OSError):
+            raise RegistryError(
+                f"run {run_id} ({run.info.run_name}, {run.info.status}) has no results table: it is not a pipeline "
+                "or sweep parent run, or it did not finish (its SAE runs are nested under it)"
+            ) from None
+        with open(path, encoding="utf-8") as f:
+            return f.read()

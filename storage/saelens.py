@@ -141,6 +141,30 @@ def export_saelens(
     return directory
 
 
+def export_saelens_from(source: str, dst: str, tracking_uri: str) -> str:
+    """`export_saelens` of a registered SAE (NAME[@ALIAS|/VERSION], pulled to a temporary directory) or of a saeflow
+    SAE directory, into the new or empty directory `dst`, with the hook name and model its cfg.json records."""
+    import tempfile
+
+    from saeflow.storage.checkpoints import load_sae, read_sae_config
+    from saeflow.storage.tracking import pull
+
+    if os.path.exists(dst) and (not os.path.isdir(dst) or os.listdir(dst)):
+        raise ValueError(f"{dst} exists and is not an empty directory: export into a new one")
+    with tempfile.TemporaryDirectory() as tmp:
+        directory = source if os.path.isdir(source) else pull(source, os.path.join(tmp, "sae"), tracking_uri)
+        meta = read_sae_config(directory).get("metadata") or {}
+        if "site" not in meta:
+            raise ValueError(f"{source} records no site, so its SAELens hook name is unknown: use export_saelens()")
+        model = meta.get("model")
+        return export_saelens(
+            load_sae(directory),
+            dst,
+            hook_name_for_site(meta["site"]),
+            model_name=model.get("name") if isinstance(model, dict) else model,
+        )
+
+
 # ----- import ------------------------------------------------------------------------------------------------------
 def read_saelens_config(directory: str) -> dict[str, Any]:
     """cfg.json of a SAELens directory, with the pre-6.0 spellings SAELens itself still accepts normalised."""
