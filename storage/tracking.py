@@ -87,6 +87,10 @@ def process_uris(uri: str):
                 os.environ[k] = v
 
 
+BROKEN_CONNECTION = ("Connection broken", "Connection aborted", "RemoteDisconnected", "IncompleteRead")
+"""What MLflow's error says when the server went away in the middle of a request."""
+
+
 class Tracker:
     """Thin wrapper over MlflowClient for saeflow's run layout."""
 
@@ -164,15 +168,23 @@ class Tracker:
     def set_tags(self, run_id: str, tags: dict[str, Any]) -> None:
         self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
-    def log_metrics(
-        self, run_id: str, metrics: dict[str, float], step: int = 0, prefix: str = "", timestamp: int | None = None
-    ) -> None:
+    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int = 0, prefix: str = "") -> None:
+        """A server that dies while answering (the request may or may not have landed) is retried with the same
+        timestamp, for about half a minute: MLflow's client retries only requests that never reached it, and an
+        identical metric logged twice is stored once."""
         import time
 
-        ts = int(time.time() * 1000) if timestamp is None else timestamp
+        ts = int(time.time() * 1000)
         ms = [Metric(prefix + k, float(v), ts, step) for k, v in metrics.items() if v is not None and v == v]
         for i in range(0, len(ms), 500):
-            self.client.log_batch(run_id, metrics=ms[i : i + 500])
+            for wait in (1, 2, 4, 8, 16, None):
+                try:
+                    self.client.log_batch(run_id, metrics=ms[i : i + 500])
+                    break
+                except MlflowException as e:
+                    if wait is None or not any(w in str(e) for w in BROKEN_CONNECTION):
+                        raise
+                    time.sleep(wait)
 
     def last_step(self, run_id: str, key: str) -> int:
         """The highest step logged for metric `key` in the run, −1 when none."""
@@ -432,10 +444,6 @@ def open_sae_runs(
     return runs
 
 
-BROKEN_CONNECTION = ("Connection broken", "Connection aborted", "RemoteDisconnected", "IncompleteRead")
-"""What MLflow's error says when the server went away in the middle of a request."""
-
-
 class StepLogger:
     """Logs each SAE's per-step training metrics (`train/...`, step = tokens seen) to its run. A resumed group
     replays the steps between its checkpoint and the kill; those are in MLflow already and are not logged again."""
@@ -445,22 +453,8 @@ class StepLogger:
         self.logged_until = [tr.last_step(r, "train/loss") if resumed else -1 for r in runs]
 
     def log(self, i: int, tokens: int, metrics: dict[str, float]) -> None:
-        """A server that dies while answering (the request may or may not have landed) is retried with the same
-        timestamp, for about half a minute: MLflow's client retries only requests that never reached it, and an
-        identical metric logged twice is stored once."""
-        import time
-
-        if tokens <= self.logged_until[i]:
-            return
-        ts = int(time.time() * 1000)
-        for wait in (1, 2, 4, 8, 16, None):
-            try:
-                self.tr.log_metrics(self.runs[i], metrics, step=tokens, prefix="train/", timestamp=ts)
-                return
-            except MlflowException as e:
-                if wait is None or not any(w in str(e) for w in BROKEN_CONNECTION):
-                    raise
-                time.sleep(wait)
+        if tokens > self.logged_until[i]:
+            self.tr.log_metrics(self.runs[i], metrics, step=tokens, prefix="train/")
 
 
 class NonFiniteModelError(ValueError):

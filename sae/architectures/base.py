@@ -44,7 +44,7 @@ class SAEConfig(BaseModel):
     """Where a target-L0 controller starts λ unless the config sets the coefficient itself (MATH §3.5)."""
     revive_every_tenth: ClassVar[bool] = True
     """Revive every tenth of training (when shorter than the dead window; MATH §3.3), or False: once per dead
-    window. The TopK family and JumpReLU say False (their config classes say why)."""
+    window. The TopK family says False (TopKConfig says why)."""
     warmup_field: ClassVar[str | None] = None
     """Name of the field giving the coefficient's warm-up fraction (used when no target L0 is set)."""
 
